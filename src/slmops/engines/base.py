@@ -1,0 +1,144 @@
+"""The Engine protocol: the one path every model run goes through.
+
+Teacher generation, evaluation, benchmarks and serving all take an `Engine`, so a quantized export, a
+student and a remote teacher are measured the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from slmops.errors import BadInputError
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class GenerationRequest:
+    """One generation. Give `messages` (rendered with the model's chat template) or a raw `prompt`.
+
+    `temperature == 0` means greedy. `seed` makes sampling reproducible per request, whatever else is in
+    the batch. Generation ends at the tokenizer's end-of-turn token, at any of `stop` (not included in
+    the text) or after `max_new_tokens`.
+    """
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise BadInputError("a GenerationRequest needs exactly one of `messages` or `prompt`")
+        if self.max_new_tokens < 1:
+            raise BadInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise BadInputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise BadInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > 4:
+            raise BadInputError("at most 4 stop strings")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float  # time from the call to the first generated token
+    latency_s: float  # time from the call to the last token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        span = self.latency_s - self.ttft_s
+        return (self.completion_tokens - 1) / span if self.completion_tokens > 1 and span > 0 else 0.0
+
+
+@dataclass
+class TokenEvent:
+    """One streamed step: `text` is the new text since the last event (may be empty while a multi-byte
+    character or a possible stop string is held back)."""
+
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Logprobs:
+    """Per-token log-probabilities of a text under the model: `logprobs[i]` is log p(token_i | tokens<i);
+    the first token has no context and is None."""
+
+    token_ids: list[int]
+    tokens: list[str]
+    logprobs: list[float | None]
+
+    @property
+    def total(self) -> float:
+        return sum(lp for lp in self.logprobs if lp is not None)
+
+    @property
+    def scored_tokens(self) -> int:
+        return sum(1 for lp in self.logprobs if lp is not None)
+
+
+@dataclass
+class EngineInfo:
+    name: str
+    format: str  # "hf", "onnx", "gguf", "remote"
+    precision: str  # "fp32", "bf16", "int4", ...
+    parameters: int | None
+    bytes_on_disk: int | None
+    device: str
+    path: str
+    context_length: int | None = None
+    vocab_size: int | None = None
+    chat_template: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+
+    def info(self) -> EngineInfo: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def render(self, request: GenerationRequest) -> str: ...
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
+
+    def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]: ...
+
+    def logprobs(self, texts: list[str]) -> list[Logprobs] | None: ...
+
+    def close(self) -> None: ...
+
+
+def stop_holdback(text: str, stops: list[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string (to hold back)."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None

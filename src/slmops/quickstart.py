@@ -1,0 +1,163 @@
+"""The quickstart: the whole life of a model, offline, on the bundled demo task and teacher.
+
+Today: generate the demo data, register it and the bundled teacher, evaluate the teacher through the
+torch Engine, and write ``report.md``. Later stages extend this same function.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmops.errors import NotFoundError
+from slmops.workspace import Workspace, hash_folder
+
+
+@dataclass
+class QuickstartResult:
+    workdir: Path
+    report_path: Path
+    teacher_id: str
+    dataset_id: str
+    eval_id: str
+    scores: dict[str, float]
+    latency: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s, lat = self.scores, self.latency
+        return (
+            f"teacher {self.teacher_id} on {int(s.get('n', 0))} test examples: "
+            f"exact match {s['exact_match']:.1%}, JSON valid {s['json_valid']:.1%}, "
+            f"field accuracy {s.get('field_accuracy', 0):.1%}; "
+            f"median latency {lat['median_latency_s'] * 1000:.0f} ms, decode {lat['median_decode_tok_s']:.0f} tok/s"
+        )
+
+
+def _find_same(ws: Workspace, kind: str, name: str, folder_hashes: dict[str, str]) -> str | None:
+    """An existing artifact of this kind and name with exactly these files (to reuse on reruns)."""
+    for row in ws.registry.list(kind):
+        if row["name"] != name:
+            continue
+        m = json.loads(ws.registry.get(row["id"])["manifest"])
+        if m["files"] == folder_hashes:
+            return row["id"]
+    return None
+
+
+def register_bundled_teacher(ws: Workspace) -> str:
+    """Register the teacher that ships in the package (once per workspace); returns its id."""
+    from slmops.demo.teacher import BUNDLED_TEACHER_DIR
+
+    if not (BUNDLED_TEACHER_DIR / "model.safetensors").exists():
+        raise NotFoundError(
+            f"the bundled demo teacher is missing from {BUNDLED_TEACHER_DIR}",
+            "reinstall slmops, or train one with `slmops demo train-teacher --bundle`",
+        )
+    existing = _find_same(ws, "model", "demo-teacher", hash_folder(BUNDLED_TEACHER_DIR))
+    if existing:
+        return existing
+    record = json.loads((BUNDLED_TEACHER_DIR / "training.json").read_text())
+    m = ws.import_folder(BUNDLED_TEACHER_DIR, "model", "demo-teacher", config=record,
+                        metrics={"parameters": record["parameters"], "train_wall_time_s": record["wall_time_s"]})
+    ws.registry.set_alias("demo-teacher", m.id, "bundled demo teacher")
+    return m.id
+
+
+def register_demo_data(ws: Workspace, data_dir: Path, seed: int) -> str:
+    from slmops.demo.task import write_demo_data
+
+    write_demo_data(data_dir, seed=seed)
+    name = f"demo-triage-seed{seed}"
+    existing = _find_same(ws, "dataset", name, hash_folder(data_dir))
+    if existing:
+        return existing
+    m = ws.import_folder(data_dir, "dataset", name, config={"generator": "slmops.demo.task", "seed": seed})
+    return m.id
+
+
+def run_quickstart(workdir: str | Path, workspace: str | Path | None = None, seed: int = 0,
+                   limit: int | None = None, progress: Callable | None = None) -> QuickstartResult:
+    from slmops.data import load_dataset_file
+    from slmops.engines import open_engine
+    from slmops.evaluate import evaluate_engine, measure_latency
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(workspace or workdir / ".slmops")
+    timings: dict[str, float] = {}
+    bar = progress or (lambda *a, **k: nullcontext(lambda *a, **k: None))
+
+    t = time.perf_counter()
+    dataset_id = register_demo_data(ws, workdir / "data", seed)
+    teacher_id = register_bundled_teacher(ws)
+    timings["setup_s"] = time.perf_counter() - t
+
+    test = load_dataset_file(ws.resolve(dataset_id) / "test.jsonl").records
+    if limit:
+        test = test[:limit]
+    t = time.perf_counter()
+    engine = open_engine(teacher_id, workspace=ws)
+    with bar("evaluating teacher", total=len(test)) as advance:
+        result = evaluate_engine(engine, test, progress=advance)
+    latency = measure_latency(engine, test, n=min(20, len(test)))
+    result.latency = latency
+    timings["eval_s"] = time.perf_counter() - t
+    info = engine.info()
+    metrics = result.metrics()
+    with ws.create_artifact("eval", f"eval-{teacher_id}", parents=[teacher_id, dataset_id],
+                            config={"model": teacher_id, "data": f"{dataset_id}/test.jsonl", "engine": info.name,
+                                    "decoding": "greedy", "max_new_tokens": 96, "limit": limit},
+                            metrics=metrics) as w:
+        with (w.path / "examples.jsonl").open("w", encoding="utf-8") as f:
+            for row in result.examples:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        eval_id = w.id
+    ws.update_metrics(teacher_id, {"exact_match": result.scores["exact_match"],
+                                   "json_valid": result.scores["json_valid"]})
+    report = workdir / "report.md"
+    report.write_text(_report(teacher_id, dataset_id, eval_id, info, result, latency), encoding="utf-8")
+    return QuickstartResult(workdir, report, teacher_id, dataset_id, eval_id, metrics, latency, timings)
+
+
+def _report(teacher_id, dataset_id, eval_id, info, result, latency) -> str:
+    s = result.scores
+    lines = [
+        "# slmops quickstart report",
+        "",
+        f"Model `{teacher_id}` (engine {info.name}, {info.format} {info.precision}, "
+        f"{info.parameters:,} parameters, {info.bytes_on_disk / 1e6:.1f} MB on disk), "
+        f"evaluated on `{dataset_id}/test.jsonl` ({result.n} examples, greedy decoding). Eval artifact `{eval_id}`.",
+        "",
+        "## Task metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k in ["exact_match", "json_valid", "field_accuracy"] + sorted(k for k in s if k.startswith("field.")):
+        if k in s:
+            lines.append(f"| {k} | {s[k]:.4f} |")
+    lines += [
+        "",
+        "## Speed (one request at a time, this machine)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| median latency per answer | {latency['median_latency_s'] * 1000:.1f} ms |",
+        f"| median time to first token | {latency['median_ttft_s'] * 1000:.1f} ms |",
+        f"| median decode tokens/s | {latency['median_decode_tok_s']:.1f} |",
+        f"| batched answers/s | {result.answers_per_s:.1f} |",
+        "",
+    ]
+    wrong = [e for e in result.examples if not e["exact_match"]][:5]
+    if wrong:
+        lines += ["## Some misses", ""]
+        for e in wrong:
+            lines += [f"- prompt: {e['prompt']}", f"  - expected: `{e['reference']}`",
+                      f"  - got: `{e['prediction']}`"]
+        lines.append("")
+    return "\n".join(lines)
