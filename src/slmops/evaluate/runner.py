@@ -86,3 +86,32 @@ def measure_latency(engine: Engine, records: list[dict], n: int = 20, max_new_to
         "median_completion_tokens": statistics.median(toks),
         "requests": len(lat),
     }
+
+
+def compare_latency(engines: dict[str, Engine], records: list[dict], n: int = 20, max_new_tokens: int = 96,
+                    warmup: int = 2) -> dict[str, dict[str, float]]:
+    """Single-request latency for several engines, interleaved A B A B on the same prompts, so drift on
+    a noisy machine hits every engine alike. Returns `measure_latency`-style medians per engine."""
+    prompts, _ = split_prompt_reference(records[: n + warmup])
+    samples: dict[str, dict[str, list[float]]] = {k: {"lat": [], "ttft": [], "tps": [], "toks": []} for k in engines}
+    for i, msgs in enumerate(prompts):
+        for name, engine in engines.items():
+            res = engine.generate([GenerationRequest(messages=msgs, max_new_tokens=max_new_tokens)])[0]
+            if i < warmup:
+                continue
+            s = samples[name]
+            s["lat"].append(res.latency_s)
+            s["ttft"].append(res.ttft_s)
+            s["toks"].append(res.completion_tokens)
+            if res.decode_tokens_per_s:
+                s["tps"].append(res.decode_tokens_per_s)
+    out = {}
+    for name, s in samples.items():
+        out[name] = {
+            "median_latency_s": statistics.median(s["lat"]),
+            "median_ttft_s": statistics.median(s["ttft"]),
+            "median_decode_tok_s": statistics.median(s["tps"]) if s["tps"] else 0.0,
+            "median_completion_tokens": statistics.median(s["toks"]),
+            "requests": len(s["lat"]),
+        }
+    return out

@@ -1,0 +1,32 @@
+"""`slmops quickstart`: data, bundled teacher, evaluation and report, offline; reruns reuse artifacts."""
+
+from __future__ import annotations
+
+import json
+
+from slmops.cli.app import run
+from slmops.workspace import Workspace
+
+
+def test_quickstart_writes_report_and_registers_lineage(tmp_path, capsys):
+    workdir = tmp_path / "qs"
+    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "exact match" in out and "report.md" in out
+    report = (workdir / "report.md").read_text()
+    assert "| exact_match |" in report and "| json_valid |" in report and "median decode tokens/s" in report
+    ws = Workspace(workdir / ".slmops")
+    kinds = sorted(r["kind"] for r in ws.registry.list())
+    assert kinds == ["dataset", "eval", "model"]
+    teacher = ws.resolve("demo-teacher")
+    manifest = json.loads((teacher / "slmops.json").read_text())
+    assert manifest["config"]["settings"]["steps"] > 0 and manifest["config"]["wall_time_s"] > 0
+    assert 0.0 <= manifest["metrics"]["exact_match"] <= 1.0
+    ev = ws.registry.list("eval")[0]["id"]
+    assert set(ws.registry.parents(ev)) == {manifest["id"], ws.registry.list("dataset")[0]["id"]}
+    assert ws.registry.metrics(ev)["n"] == 24
+    # a second run reuses the dataset and teacher and adds one eval
+    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24"]) == 0
+    kinds = sorted(r["kind"] for r in ws.registry.list())
+    assert kinds == ["dataset", "eval", "eval", "model"]
+    assert run(["-w", str(workdir / ".slmops"), "registry", "verify"]) == 0
