@@ -41,7 +41,9 @@ def open_engine(ref: str | Path, workspace=None, **opts: Any) -> Engine:
     """Open the model behind `ref` (artifact id, alias, folder, file or hub id) with the right engine."""
     ref_s = str(ref)
     if ref_s.startswith(("http://", "https://")):
-        raise BadInputError(f"no engine for remote endpoints is installed in this version: {ref_s}")
+        from slmops.engines.openai_http import OpenAIHTTPEngine
+
+        return OpenAIHTTPEngine(ref_s, **opts)  # an OpenAI-compatible server ("URL#model" names the model)
     path: Path | None = None
     if workspace is not None:
         try:
