@@ -129,7 +129,7 @@ def test_concurrency_overlaps_requests(server):
     elapsed = time.perf_counter() - t0
     assert len(res) == 16
     assert elapsed < 16 * 0.2 / 2, elapsed  # sequential would take 3.2 s; 8 at a time about 0.4 s
-    assert srv.stats()["max_inflight"] == 8
+    assert 4 <= srv.stats()["max_inflight"] <= 8  # overlapping, never above the limit
 
 
 def test_concurrency_one_is_sequential(server):

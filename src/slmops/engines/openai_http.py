@@ -103,20 +103,23 @@ class RemoteGenerationResult(GenerationResult):
 
 
 class _Pacer:
-    """Requests per second limit: a token bucket of capacity 1 (each request waits for its own slot
-    ``1/max_rps`` after the previous one, so no burst ever exceeds the rate)."""
+    """Requests per second limit: a token bucket of capacity 1. Each send waits until `1/max_rps` after
+    the previous *actual* send (under a lock), so no burst ever exceeds the rate, even after the event
+    loop was starved for a while."""
 
     def __init__(self, max_rps: float):
         self.interval = 1.0 / max_rps
-        self.next_slot = 0.0
+        self.last: float | None = None
+        self.lock = asyncio.Lock()
 
     async def wait(self) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        slot = max(now, self.next_slot)
-        self.next_slot = slot + self.interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        async with self.lock:
+            if self.last is not None:
+                delay = self.last + self.interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            self.last = loop.time()
 
 
 def split_base_url(url: str) -> tuple[str, str | None]:
