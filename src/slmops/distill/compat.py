@@ -115,6 +115,10 @@ def model_vocab_size(ref: Any) -> int | None:
     return None
 
 
+def _token(inverse: dict[int, str], i: int) -> str:
+    return repr(inverse[i]) if i in inverse else "(no such id)"
+
+
 def _render(tok, conversation: list[dict]) -> str | None:
     from jinja2 import TemplateError
 
@@ -185,7 +189,7 @@ def check_tokenizer_compat(student: Any, teacher: Any, *, student_model_vocab: i
         i = differing[0]
         report.problems.append(
             f"student vocab {len(s_vocab)} tokens vs teacher {len(t_vocab)}; {len(differing)} token ids differ "
-            f"(e.g. id {i}: student {s_inv.get(i)!r} vs teacher {t_inv.get(i)!r})"
+            f"(e.g. id {i}: student {_token(s_inv, i)} vs teacher {_token(t_inv, i)})"
         )
     else:
         for attr in SPECIAL_ATTRS:

@@ -574,7 +574,9 @@ def _train_student(config: StudentTrainConfig | dict, out_dir: str | Path, *, wo
         raise BadInputError("early stopping needs validation examples, and there are none")
 
     # 3. schedule: evaluation and checkpoints on steps (an epoch = steps_per_epoch)
-    batches = math.ceil(math.ceil(len(train_ds) / world_size) / cfg.batch_size)
+    # (a single process on several GPUs is torch DataParallel: its batch spans all of them)
+    replicas = world_size if world_size > 1 or not torch.cuda.is_available() else max(1, torch.cuda.device_count())
+    batches = math.ceil(math.ceil(len(train_ds) / replicas) / cfg.batch_size)
     steps_per_epoch = max(batches // cfg.grad_accum, 1)
     eval_steps = cfg.eval_every or steps_per_epoch
     save_steps = cfg.save_every or (eval_steps if val_ds else steps_per_epoch)
