@@ -1,4 +1,5 @@
-"""`slmops quickstart`: data, bundled teacher, evaluation and report, offline; reruns reuse artifacts."""
+"""`slmops quickstart`: data, bundled teacher, evaluation, distillation and report, offline; reruns reuse
+the data and teacher artifacts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from slmops.workspace import Workspace
 
 def test_quickstart_writes_report_and_registers_lineage(tmp_path, capsys):
     workdir = tmp_path / "qs"
-    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24"]) == 0
+    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24", "--distill-steps", "0"]) == 0
     out = capsys.readouterr().out
     assert "exact match" in out and "report.md" in out
     report = (workdir / "report.md").read_text()
@@ -26,7 +27,24 @@ def test_quickstart_writes_report_and_registers_lineage(tmp_path, capsys):
     assert set(ws.registry.parents(ev)) == {manifest["id"], ws.registry.list("dataset")[0]["id"]}
     assert ws.registry.metrics(ev)["n"] == 24
     # a second run reuses the dataset and teacher and adds one eval
-    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24"]) == 0
+    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24", "--distill-steps", "0"]) == 0
     kinds = sorted(r["kind"] for r in ws.registry.list())
     assert kinds == ["dataset", "eval", "eval", "model"]
     assert run(["-w", str(workdir / ".slmops"), "registry", "verify"]) == 0
+
+
+def test_quickstart_distills_a_smaller_student(tmp_path, capsys):
+    workdir = tmp_path / "qs"
+    rc = run(["quickstart", "--workdir", str(workdir), "--limit", "12", "--distill-steps", "10", "--prompts", "48"])
+    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "retention" in out
+    report = (workdir / "report.md").read_text()
+    assert "## Distillation: teacher vs student" in report and "| student |" in report
+    ws = Workspace(workdir / ".slmops")
+    teacher = ws.manifest("demo-teacher")
+    students = [r for r in ws.registry.list("model") if r["id"] != teacher.id]
+    assert len(students) == 1
+    metrics = ws.registry.metrics(students[0]["id"])
+    assert metrics["param_ratio"] <= 0.25  # the demo student is at most a quarter of the teacher
+    assert teacher.id in ws.registry.lineage(students[0]["id"])["ancestors"]

@@ -1,7 +1,9 @@
 """The quickstart: the whole life of a model, offline, on the bundled demo task and teacher.
 
-Today: generate the demo data, register it and the bundled teacher, evaluate the teacher through the
-torch Engine, and write ``report.md``. Later stages extend this same function.
+Generate the demo data, register it and the bundled teacher, evaluate the teacher through the torch
+Engine, distill it into a student a quarter of its size or less (the teacher labels the unlabeled prompts,
+the student trains on them with logit-level KD), compare the two side by side, and write ``report.md``.
+Later stages extend this same function.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class QuickstartResult:
     scores: dict[str, float]
     latency: dict[str, float]
     timings: dict[str, float] = field(default_factory=dict)
+    student_id: str | None = None
+    comparison: dict | None = None
 
     def summary(self) -> str:
         s, lat = self.scores, self.latency
@@ -35,7 +39,15 @@ class QuickstartResult:
             f"exact match {s['exact_match']:.1%}, JSON valid {s['json_valid']:.1%}, "
             f"field accuracy {s.get('field_accuracy', 0):.1%}; "
             f"median latency {lat['median_latency_s'] * 1000:.0f} ms, decode {lat['median_decode_tok_s']:.0f} tok/s"
-        )
+        ) + self._student_line()
+
+    def _student_line(self) -> str:
+        if not self.comparison:
+            return ""
+        st = next(r for r in self.comparison["rows"] if r["model"] == "student")
+        return (f"\nstudent {self.student_id}: exact match {st['exact_match']:.1%} "
+                f"(retention {st['retention']:.1%}), {st['param_ratio']:.0%} of the teacher's parameters, "
+                f"{st['decode_speedup']:.1f}x its decode tokens/s")
 
 
 def _find_same(ws: Workspace, kind: str, name: str, folder_hashes: dict[str, str]) -> str | None:
@@ -81,7 +93,10 @@ def register_demo_data(ws: Workspace, data_dir: Path, seed: int) -> str:
 
 
 def run_quickstart(workdir: str | Path, workspace: str | Path | None = None, seed: int = 0,
-                   limit: int | None = None, progress: Callable | None = None) -> QuickstartResult:
+                   limit: int | None = None, progress: Callable | None = None, distill_steps: int = 800,
+                   prompts: int | None = None, log: Callable[[str], None] = lambda _m: None) -> QuickstartResult:
+    """Run the quickstart in `workdir`. `limit` evaluates on the first N test examples only; `prompts`
+    labels only the first N unlabeled prompts; `distill_steps=0` skips distillation."""
     from slmops.data import load_dataset_file
     from slmops.engines import open_engine
     from slmops.evaluate import evaluate_engine, measure_latency
@@ -119,9 +134,46 @@ def run_quickstart(workdir: str | Path, workspace: str | Path | None = None, see
         eval_id = w.id
     ws.update_metrics(teacher_id, {"exact_match": result.scores["exact_match"],
                                    "json_valid": result.scores["json_valid"]})
+    engine.close()
+    text = _report(teacher_id, dataset_id, eval_id, info, result, latency)
+    student_id = comparison = None
+    if distill_steps > 0:
+        t = time.perf_counter()
+        student_id, comparison, section = _distill(ws, workdir, teacher_id, dataset_id, distill_steps, prompts,
+                                                   limit, progress, log)
+        timings["distill_s"] = time.perf_counter() - t
+        text += section
     report = workdir / "report.md"
-    report.write_text(_report(teacher_id, dataset_id, eval_id, info, result, latency), encoding="utf-8")
-    return QuickstartResult(workdir, report, teacher_id, dataset_id, eval_id, metrics, latency, timings)
+    report.write_text(text, encoding="utf-8")
+    return QuickstartResult(workdir, report, teacher_id, dataset_id, eval_id, metrics, latency, timings,
+                            student_id, comparison)
+
+
+def _distill(ws: Workspace, workdir: Path, teacher_id: str, dataset_id: str, steps: int, prompts: int | None,
+             limit: int | None, progress, log) -> tuple[str | None, dict, str]:
+    from slmops.distill import FilterConfig
+    from slmops.distill.compare import comparison_markdown
+    from slmops.distill.run import run_distillation
+
+    data = ws.resolve(dataset_id)
+    prompt_file = data / "prompts.jsonl"
+    if prompts:
+        prompt_file = workdir / "prompts-subset.jsonl"
+        lines = (data / "prompts.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:prompts]
+        prompt_file.write_text("".join(lines), encoding="utf-8")
+    outcome = run_distillation(
+        teacher_id, prompt_file, workdir / "distill", workspace=ws, student_preset="demo-student",
+        test=data / "test.jsonl", filters=FilterConfig(json_valid=True), eval_limit=limit,
+        generation={"max_new_tokens": 96, "batch_size": 32},
+        training={"max_steps": steps, "batch_size": 32, "lr": 2e-3, "kd_alpha": 0.5, "kd_temperature": 2.0,
+                  "max_length": 256, "val_fraction": 0.02, "logging_steps": 50, "save_total_limit": 1},
+        progress=progress, log=log,
+    )
+    section = ("\n## Distillation: teacher vs student\n\n"
+               f"The teacher labelled the unlabeled prompts ({outcome.filters['kept']} answers kept of "
+               f"{outcome.filters['total']}); a `demo-student` trained {steps} steps on them with logit-level KD "
+               f"(student `{outcome.student_id}`).\n\n" + comparison_markdown(outcome.comparison) + "\n")
+    return outcome.student_id, outcome.comparison, section
 
 
 def _report(teacher_id, dataset_id, eval_id, info, result, latency) -> str:

@@ -16,18 +16,23 @@ def quickstart(
     workdir: Annotated[Path, typer.Option(help="Folder for the data, the workspace and report.md.")] = Path("slmops-quickstart"),
     seed: Annotated[int, typer.Option(help="Seed for the demo data.")] = 0,
     limit: Annotated[int | None, typer.Option(help="Evaluate on only the first N test examples (faster).")] = None,
+    distill_steps: Annotated[int, typer.Option(help="Student training steps for the distillation stage (0 skips it).")] = 800,
+    prompts: Annotated[int | None, typer.Option(help="Label only the first N unlabeled prompts (default: all 2,000).")] = None,
 ) -> None:
     """Run the life of a model offline on the bundled demo task and teacher.
 
     Generates the customer-support triage data, registers the bundled teacher, evaluates it through the
-    torch engine (exact match, per-field accuracy, JSON validity, latency) and writes report.md.
+    torch engine (exact match, per-field accuracy, JSON validity, latency), distills it into a student a
+    quarter of its size or less (teacher-labelled prompts, logit-level KD), compares the two side by side
+    and writes report.md.
     The workspace is <workdir>/.slmops unless --workspace is given.
     """
     from slmops.quickstart import run_quickstart
 
     ws_path = common.STATE.workspace if common.STATE.workspace != Path(".slmops") else workdir / ".slmops"
-    result = run_quickstart(workdir, workspace=ws_path, seed=seed, limit=limit,
-                            progress=None if common.STATE.quiet else common.progress)
+    result = run_quickstart(workdir, workspace=ws_path, seed=seed, limit=limit, distill_steps=distill_steps,
+                            prompts=prompts, progress=None if common.STATE.quiet else common.progress,
+                            log=common.info)
     common.console.print(result.summary())
     common.console.print(f"\nreport: {result.report_path}")
     common.console.print(f"workspace: {ws_path}  (try: slmops -w {ws_path} models list)")

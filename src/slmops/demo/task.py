@@ -3,7 +3,7 @@
 A customer message goes in, a one-line JSON answer comes out:
 
     {"intent": "cancel_order", "order_id": "ORD-48213", "product": "coffee grinder",
-     "date": "March 3", "urgency": "high"}
+     "date": "03/14", "urgency": "high"}
 
 Every field follows from the message: the intent from its wording, the entities are copied from it
 (``null`` when absent) and the urgency from urgency markers. Many paraphrase templates, openers, closers
@@ -123,9 +123,6 @@ PRODUCTS = [
     "sewing machine", "drone", "monitor arm", "fitness tracker", "rice cooker",
 ]
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-          "October", "November", "December"]
-
 OPENERS = ["", "", "Hi,", "Hello,", "Hi there,", "Good morning,", "Dear support,", "Hey,", "Hello team,"]
 CLOSERS = ["", "", "Thanks.", "Thank you.", "Regards.", "Thanks in advance.", "Cheers."]
 HIGH = ["This is urgent.", "Please help ASAP!", "I need this fixed today.", "URGENT:", "Please respond immediately."]
@@ -162,7 +159,8 @@ def _order_id(rng: random.Random) -> str:
 
 
 def _date(rng: random.Random) -> str:
-    return f"{rng.choice(MONTHS)} {rng.randint(1, 28)}"
+    """A date as customers type it in forms, MM/DD (copied digit by digit into the answer)."""
+    return f"{rng.randint(1, 12):02d}/{rng.randint(1, 28):02d}"
 
 
 def make_example(rng: random.Random, hard: bool = False, intent: str | None = None) -> Example:
