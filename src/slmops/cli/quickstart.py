@@ -23,7 +23,7 @@ def quickstart(
 
     Generates the customer-support triage data, registers the bundled teacher, evaluates it through the
     torch engine (exact match, per-field accuracy, JSON validity, latency), distills it into a student a
-    quarter of its size or less (teacher-labelled prompts, logit-level KD), compares the two side by side
+    quarter of its size or less (teacher-labelled prompts, sequence-level training), compares the two side by side
     and writes report.md.
     The workspace is <workdir>/.slmops unless --workspace is given.
     """

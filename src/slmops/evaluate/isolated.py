@@ -8,10 +8,20 @@ from pathlib import Path
 from typing import Any
 
 
-def _worker(ref: str, test_path: str, workspace: str | None, limit: int | None, max_new_tokens: int,
-            threads: int | None) -> dict[str, Any]:
+def _vm_hwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM). Unlike ru_maxrss, it is reset by exec, so a spawned
+    worker does not report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker(ref: str, test_path: str, workspace: str | None, limit: int | None, max_new_tokens: int,
+            threads: int | None) -> dict[str, Any]:
     import torch
 
     from slmops.data import load_dataset_file
@@ -21,14 +31,14 @@ def _worker(ref: str, test_path: str, workspace: str | None, limit: int | None, 
 
     if threads:
         torch.set_num_threads(threads)
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_mb = _vm_hwm_mb()
     records = load_dataset_file(test_path).records
     if limit:
         records = records[:limit]
     engine = open_engine(ref, workspace=Workspace(workspace) if workspace else None)
     info = engine.info()
     result = evaluate_engine(engine, records, max_new_tokens=max_new_tokens)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = _vm_hwm_mb()
     return {
         "scores": result.scores,
         "n": result.n,
@@ -38,8 +48,8 @@ def _worker(ref: str, test_path: str, workspace: str | None, limit: int | None, 
         "bytes_on_disk": info.bytes_on_disk,
         "engine": info.name,
         "precision": info.precision,
-        "peak_rss_mb": peak_kb / 1024,
-        "runtime_rss_mb": base_kb / 1024,  # the process with torch imported, before the model
+        "peak_rss_mb": peak_mb,
+        "runtime_rss_mb": base_mb,  # the process with torch imported, before the model
     }
 
 
