@@ -93,7 +93,7 @@ def register_demo_data(ws: Workspace, data_dir: Path, seed: int) -> str:
 
 
 def run_quickstart(workdir: str | Path, workspace: str | Path | None = None, seed: int = 0,
-                   limit: int | None = None, progress: Callable | None = None, distill_steps: int = 800,
+                   limit: int | None = None, progress: Callable | None = None, distill_steps: int = 1200,
                    prompts: int | None = None, log: Callable[[str], None] = lambda _m: None) -> QuickstartResult:
     """Run the quickstart in `workdir`. `limit` evaluates on the first N test examples only; `prompts`
     labels only the first N unlabeled prompts; `distill_steps=0` skips distillation."""

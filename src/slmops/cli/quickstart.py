@@ -16,7 +16,7 @@ def quickstart(
     workdir: Annotated[Path, typer.Option(help="Folder for the data, the workspace and report.md.")] = Path("slmops-quickstart"),
     seed: Annotated[int, typer.Option(help="Seed for the demo data.")] = 0,
     limit: Annotated[int | None, typer.Option(help="Evaluate on only the first N test examples (faster).")] = None,
-    distill_steps: Annotated[int, typer.Option(help="Student training steps for the distillation stage (0 skips it).")] = 800,
+    distill_steps: Annotated[int, typer.Option(help="Student training steps for the distillation stage (0 skips it).")] = 1200,
     prompts: Annotated[int | None, typer.Option(help="Label only the first N unlabeled prompts (default: all 2,000).")] = None,
 ) -> None:
     """Run the life of a model offline on the bundled demo task and teacher.
