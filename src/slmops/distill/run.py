@@ -85,13 +85,11 @@ def run_distillation(
                                                                 "sampling": report.sampling,
                                                                 "filters": filters.to_dict()})
         dataset_id = manifest.id
+    # a URL teacher has no tokenizer to hand a preset student, and no logits for KD
+    tokenizer = _require_tokenizer(train_cfg) if remote and not student else None
     cfg = StudentTrainConfig(
         student=student, student_preset=None if student else student_preset,
-        teacher=None if remote else teacher, tokenizer=None,
-        data=dataset_id or str(synthetic), **train_cfg,
-    ) if not remote else StudentTrainConfig(
-        student=student, student_preset=None if student else student_preset,
-        tokenizer=None if student else _require_tokenizer(train_cfg), data=dataset_id or str(synthetic),
+        teacher=None if remote else teacher, tokenizer=tokenizer, data=dataset_id or str(synthetic),
         **{k: v for k, v in train_cfg.items() if k != "tokenizer"},
     )
     log(f"stage 2: training {'student ' + student if student else 'a ' + str(student_preset) + ' student'}"
