@@ -234,10 +234,13 @@ class TorchEngine:
         pos = (att.cumsum(-1) - 1).clamp(min=0)
         past = None
         step_ids, step_pos = ids, pos
+        # Without padding the mask is all ones: leave it out so the model takes its causal fast path
+        # (no per-step mask building), which is a large share of a small model's step on CPU.
+        padded = bool((att == 0).any())
         with torch.inference_mode():
             while True:
                 out = self.model(
-                    input_ids=step_ids.to(self.device), attention_mask=att.to(self.device),
+                    input_ids=step_ids.to(self.device), attention_mask=att.to(self.device) if padded else None,
                     position_ids=step_pos.to(self.device), cache=past, use_cache=True, logits_to_keep=1,
                 )
                 past = out.cache
