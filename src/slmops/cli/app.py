@@ -54,7 +54,7 @@ def root(
 
 def _register() -> None:
     # each module adds its commands to `app`; imports here are light (no torch)
-    from slmops.cli import data, demo, distill, distill_run, distill_train, models, quickstart, registry  # noqa: F401
+    from slmops.cli import data, demo, distill, distill_run, distill_train, finetune, models, quickstart, registry  # noqa: F401
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -239,7 +239,8 @@ def load_model(ref: str | os.PathLike, dtype: Any = None, device: str = "cpu", *
         model = AutoModelForCausalLM.from_pretrained(str(source), **kw)
     except (OSError, ValueError) as e:
         raise _load_error("model", ref, e) from e
-    model.to(device)
+    if not getattr(model, "is_quantized", False):  # a bitsandbytes model is placed by from_pretrained
+        model.to(device)
     model.eval()
     return model
 
