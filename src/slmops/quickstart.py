@@ -31,6 +31,8 @@ class QuickstartResult:
     timings: dict[str, float] = field(default_factory=dict)
     student_id: str | None = None
     comparison: dict | None = None
+    adapter_id: str | None = None
+    finetune: dict | None = None
 
     def summary(self) -> str:
         s, lat = self.scores, self.latency
@@ -39,7 +41,15 @@ class QuickstartResult:
             f"exact match {s['exact_match']:.1%}, JSON valid {s['json_valid']:.1%}, "
             f"field accuracy {s.get('field_accuracy', 0):.1%}; "
             f"median latency {lat['median_latency_s'] * 1000:.0f} ms, decode {lat['median_decode_tok_s']:.0f} tok/s"
-        ) + self._student_line()
+        ) + self._student_line() + self._finetune_line()
+
+    def _finetune_line(self) -> str:
+        if not self.finetune:
+            return ""
+        f = self.finetune
+        return (f"\nLoRA adapter {self.adapter_id} on the {f['model_role']} for the new intents "
+                f"({', '.join(f['intents'])}): exact match {f['before']['new']:.1%} -> {f['after']['new']:.1%} on "
+                f"them, {f['before']['base']:.1%} -> {f['after']['base']:.1%} on the original task")
 
     def _student_line(self) -> str:
         if not self.comparison:
@@ -94,9 +104,11 @@ def register_demo_data(ws: Workspace, data_dir: Path, seed: int) -> str:
 
 def run_quickstart(workdir: str | Path, workspace: str | Path | None = None, seed: int = 0,
                    limit: int | None = None, progress: Callable | None = None, distill_steps: int = 1200,
-                   prompts: int | None = None, log: Callable[[str], None] = lambda _m: None) -> QuickstartResult:
+                   prompts: int | None = None, log: Callable[[str], None] = lambda _m: None,
+                   finetune_steps: int = 300) -> QuickstartResult:
     """Run the quickstart in `workdir`. `limit` evaluates on the first N test examples only; `prompts`
-    labels only the first N unlabeled prompts; `distill_steps=0` skips distillation."""
+    labels only the first N unlabeled prompts; `distill_steps=0` skips distillation; `finetune_steps=0`
+    skips the LoRA fine-tune (of the student, or of the teacher without one)."""
     from slmops.data import load_dataset_file
     from slmops.engines import open_engine
     from slmops.evaluate import evaluate_engine, measure_latency
@@ -143,10 +155,73 @@ def run_quickstart(workdir: str | Path, workspace: str | Path | None = None, see
                                                    limit, progress, log)
         timings["distill_s"] = time.perf_counter() - t
         text += section
+    adapter_id = finetune = None
+    if finetune_steps > 0:
+        t = time.perf_counter()
+        adapter_id, finetune, section = _finetune(ws, workdir, student_id or teacher_id,
+                                                  "student" if student_id else "teacher", seed, finetune_steps,
+                                                  limit, progress, log)
+        timings["finetune_s"] = time.perf_counter() - t
+        text += section
     report = workdir / "report.md"
     report.write_text(text, encoding="utf-8")
     return QuickstartResult(workdir, report, teacher_id, dataset_id, eval_id, metrics, latency, timings,
-                            student_id, comparison)
+                            student_id, comparison, adapter_id, finetune)
+
+
+def _finetune(ws: Workspace, workdir: Path, model_id: str, role: str, seed: int, steps: int, limit: int | None,
+              progress, log) -> tuple[str | None, dict, str]:
+    """LoRA-fine-tune `model_id` on the demo's `gifts` extension (two intents it has never seen, with a
+    quarter of replayed original-task data) and score it before/after on the new intents and the old task."""
+    from slmops.data import load_dataset_file
+    from slmops.demo.task import FinetuneSizes, write_finetune_data
+    from slmops.engines.torch_engine import TorchEngine
+    from slmops.evaluate import evaluate_engine
+    from slmops.finetune import FinetuneConfig, run_finetune
+
+    bar = progress or (lambda *a, **k: nullcontext(lambda *a, **k: None))
+    sizes = FinetuneSizes(train=1000, val=100, test=limit or 200, test_base=limit or 200)
+    files = write_finetune_data(workdir / "finetune-data", "gifts", seed=seed, sizes=sizes, replay=0.25)
+    folder = Path(files["train"]).parent
+    hashes = hash_folder(folder)
+    data_id = _find_same(ws, "dataset", "demo-gifts", hashes)
+    if data_id is None:
+        data_id = ws.import_folder(folder, "dataset", "demo-gifts",
+                                   config={"task": "gifts", "seed": seed, "replay": 0.25}).id
+    cfg = FinetuneConfig(model=model_id, data=data_id, method="lora", max_steps=steps, batch_size=16, lr=3e-3,
+                         lora={"r": 16, "alpha": 32, "dropout": 0.05}, eval_every=max(1, steps // 3),
+                         logging_steps=25, save_total_limit=1, seed=seed, name=f"{role}-lora-gifts")
+    log(f"fine-tuning: LoRA on the {role} for the new intents {', '.join(files['intents'])}, {steps} steps")
+    with bar(f"LoRA fine-tune of the {role}", total=steps) as advance:
+        report = run_finetune(cfg, workdir / "finetune", workspace=ws, progress=advance)
+    data = ws.resolve(data_id)
+    tests = {"new": load_dataset_file(data / "test.jsonl").records,
+             "base": load_dataset_file(data / "test_base.jsonl").records}
+    engine = TorchEngine(ws.resolve(model_id), adapters={"gifts": str(ws.resolve(report.artifact_id))})
+    scores: dict[str, dict[str, float]] = {"before": {}, "after": {}}
+    with bar("scoring before/after", total=2 * sum(len(r) for r in tests.values())) as advance:
+        for when, adapter in (("before", "base"), ("after", "gifts")):
+            for task, records in tests.items():
+                scores[when][task] = evaluate_engine(engine, records, adapter=adapter,
+                                                     progress=advance).scores["exact_match"]
+    engine.close()
+    ws.update_metrics(report.artifact_id, {"exact_match_new_task": scores["after"]["new"],
+                                           "exact_match_original_task": scores["after"]["base"]})
+    result = {"model_role": role, "model": model_id, "data": data_id, "intents": files["intents"],
+              "steps": report.steps, "trainable_parameters": report.trainable_parameters,
+              "parameters": report.parameters, "tokens_per_s": report.tokens_per_s, **scores}
+    section = (
+        f"\n## Fine-tuning: a LoRA adapter for new intents\n\n"
+        f"The {role} (`{model_id}`) never saw the intents {', '.join(f'`{i}`' for i in files['intents'])}. A LoRA "
+        f"adapter (`{report.artifact_id}`, {report.trainable_parameters:,} trainable parameters = "
+        f"{report.trainable_share:.1%} of {report.parameters:,}) trained {report.steps} steps on `{data_id}` "
+        f"(new intents plus 25% replayed original-task examples), at {report.tokens_per_s:,.0f} tokens/s.\n\n"
+        "| exact match | before (base) | after (base + adapter) |\n|---|---|---|\n"
+        f"| new intents ({len(tests['new'])} examples) | {scores['before']['new']:.4f} | {scores['after']['new']:.4f} |\n"
+        f"| original task ({len(tests['base'])} examples) | {scores['before']['base']:.4f} | "
+        f"{scores['after']['base']:.4f} |\n"
+    )
+    return report.artifact_id, result, section
 
 
 def _distill(ws: Workspace, workdir: Path, teacher_id: str, dataset_id: str, steps: int, prompts: int | None,

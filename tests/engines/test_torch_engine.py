@@ -150,3 +150,17 @@ def test_bad_requests_rejected(engine):
         GenerationRequest(prompt="x", temperature=-1)
     with pytest.raises(BadInputError, match="context"):
         engine.generate([GenerationRequest(prompt="7" * (engine.context_length + 5))])
+
+
+def test_a_suspended_stream_does_not_leave_the_caller_in_inference_mode(engine):
+    """Inference mode is thread-local: a stream paused between tokens must not hold it (it would break any
+    training or autograd code the caller runs meanwhile)."""
+    import torch
+
+    stream = engine.stream(GenerationRequest(prompt="Where is my order", max_new_tokens=8))
+    next(stream)
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    x = torch.ones(2, requires_grad=True)
+    (x * 2).sum().backward()
+    assert x.grad is not None
+    stream.close()

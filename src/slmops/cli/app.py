@@ -37,7 +37,7 @@ def root(
         Path | None,
         typer.Option(
             "--workspace", "-w", envvar="SLMOPS_HOME",
-            help="Workspace folder holding artifacts and the registry [default: ./.slmops, or $SLMOPS_HOME].",
+            help="Workspace folder holding artifacts and the registry (default: ./.slmops, or $SLMOPS_HOME).",
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs and full tracebacks.")] = False,
@@ -54,7 +54,19 @@ def root(
 
 def _register() -> None:
     # each module adds its commands to `app`; imports here are light (no torch)
-    from slmops.cli import data, demo, distill, distill_run, distill_train, finetune, models, quickstart, registry  # noqa: F401
+    from slmops.cli import (  # noqa: F401
+        adapters,
+        data,
+        demo,
+        distill,
+        distill_run,
+        distill_train,
+        finetune,
+        models,
+        quickstart,
+        registry,
+        tune,
+    )
 
 
 def run(argv: list[str] | None = None) -> int:

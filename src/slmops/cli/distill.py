@@ -32,7 +32,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Base seed; sample k of a prompt uses a seed derived from it.")] = 0,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable, at most 4).")] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once (URL teachers).")] = 8,
-    api_key: Annotated[str | None, typer.Option(help="API key for URL teachers [default: $SLMOPS_API_KEY or $OPENAI_API_KEY].")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for URL teachers (default: $SLMOPS_API_KEY or $OPENAI_API_KEY).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds before a request times out (and is retried).")] = 60.0,
     max_retries: Annotated[int, typer.Option(help="Retries on 429/5xx/connection errors/timeouts.")] = 5,
     max_rps: Annotated[float | None, typer.Option(help="Most requests per second to a URL teacher.")] = None,
@@ -53,7 +53,7 @@ def generate(
     dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Drop exact duplicates (normalised prompt + answer).")] = True,
     near_dup_threshold: Annotated[float | None, typer.Option(help="Drop prompts whose character 5-gram Jaccard similarity to an earlier kept prompt is at least this (e.g. 0.9).")] = None,
     min_agreement: Annotated[float | None, typer.Option(help="Drop prompts where fewer than this share of all samples agree with the majority answer.")] = None,
-    name: Annotated[str | None, typer.Option(help="Name for the dataset artifact [default: distill-<out folder>].")] = None,
+    name: Annotated[str | None, typer.Option(help="Name for the dataset artifact (default: distill-<out folder>).")] = None,
     register: Annotated[bool, typer.Option("--register/--no-register", help="Register the dataset as a workspace artifact.")] = True,
 ) -> None:
     """Generate training data with one or more teachers, check and filter it, and register the dataset.

@@ -11,6 +11,12 @@ and entity values make memorising insufficient. Generation is deterministic by s
 
 The ``hard`` variant writes longer messages with several products and order ids, only one of which is
 the subject (the one the intent is about), so a model must find the right entity, not just copy one.
+
+Fine-tuning extensions (:data:`EXTENSION_TASKS`) add intent families the base task (and the bundled
+teacher, trained on the 12 base intents only) never saw, with the same JSON schema: ``gifts``
+(``gift_card``, ``price_match``) and ``subscriptions`` (``pause_subscription``, ``loyalty_points``).
+:func:`write_finetune_data` writes a fine-tuning set for one of them, with base-task replay against
+forgetting and a base-task test split to measure it. The base generator never draws extension intents.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from slmops.errors import BadInputError
 
 FIELDS = ("intent", "order_id", "product", "date", "urgency")
 
@@ -111,7 +119,51 @@ TEMPLATES: dict[str, list[str]] = {
     ],
 }
 
-INTENTS = tuple(TEMPLATES)
+INTENTS = tuple(TEMPLATES)  # the 12 base intents (what `generate` draws from); keep this order
+
+# Fine-tuning extensions: task -> intent -> templates (same slots and JSON schema as the base task). They
+# live apart from TEMPLATES so that the base generator (and every seed's data) stays exactly as it was.
+EXTENSION_TEMPLATES: dict[str, dict[str, list[str]]] = {
+    "gifts": {
+        "gift_card": [
+            "My gift card does not work at checkout for order {order}.",
+            "How do I redeem the gift card I got with order {order}?",
+            "I want to buy a gift card for a friend who wants a {product}.",
+            "The gift card balance was not applied to my {product} in order {order}.",
+            "Can I pay for the {product} with a gift card that expires on {date}?",
+            "I never received the e-gift card I bought on {date}. Order {order}.",
+        ],
+        "price_match": [
+            "I saw the {product} cheaper at another store, can you match the price? Order {order}.",
+            "The {product} dropped in price on {date}, can I get the difference back for order {order}?",
+            "Do you price match? Another shop sells the {product} for less.",
+            "Please match the lower price for the {product} I bought in order {order}.",
+            "The {product} went on sale right after I ordered it (order {order}). Can you adjust the price?",
+            "Will you pay the price difference if the {product} gets cheaper before {date}?",
+        ],
+    },
+    "subscriptions": {
+        "pause_subscription": [
+            "Please pause my {product} subscription until {date}.",
+            "Can I skip the next delivery of my {product} subscription?",
+            "I am travelling, can you put my subscription on hold until {date}?",
+            "Pause the subscription from order {order} for now, I have enough.",
+            "I want to pause the recurring delivery of the {product} from order {order} for two months.",
+            "How do I temporarily stop my {product} subscription without ending it?",
+        ],
+        "loyalty_points": [
+            "My loyalty points for order {order} were never added.",
+            "How many reward points do I have left?",
+            "Can I use my loyalty points to pay for the {product}?",
+            "The points from my purchase on {date} are missing. Order {order}.",
+            "I did not get reward points for the {product} in order {order}.",
+            "When do my loyalty points expire? I want to use them before {date}.",
+        ],
+    },
+}
+EXTENSION_TASKS: dict[str, tuple[str, ...]] = {task: tuple(t) for task, t in EXTENSION_TEMPLATES.items()}
+# every intent that `make_example(..., intent=...)` accepts: the base ones, then the extensions'
+ALL_TEMPLATES: dict[str, list[str]] = {**TEMPLATES, **{i: t for ts in EXTENSION_TEMPLATES.values() for i, t in ts.items()}}
 
 PRODUCTS = [
     "wireless earbuds", "coffee grinder", "standing desk", "yoga mat", "phone case", "air fryer",
@@ -164,8 +216,12 @@ def _date(rng: random.Random) -> str:
 
 
 def make_example(rng: random.Random, hard: bool = False, intent: str | None = None) -> Example:
+    """One example; `intent` None draws one of the base :data:`INTENTS`. Any intent of
+    :data:`ALL_TEMPLATES` (base or extension) may be asked for."""
     intent = intent or rng.choice(INTENTS)
-    template = rng.choice(TEMPLATES[intent])
+    if intent not in ALL_TEMPLATES:
+        raise BadInputError(f"unknown intent {intent!r}", f"use one of {', '.join(ALL_TEMPLATES)}")
+    template = rng.choice(ALL_TEMPLATES[intent])
     order, product, date = _order_id(rng), rng.choice(PRODUCTS), _date(rng)
     body = template.format(order=order, product=product, date=date)
     answer = {
@@ -250,3 +306,100 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, sizes: DemoSizes = DemoS
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         paths[name] = str(path)
     return paths
+
+
+# ------------------------------------------------------------------------------ fine-tuning extensions
+
+
+@dataclass(frozen=True)
+class FinetuneSizes:
+    train: int = 1000  # rows in train.jsonl (new-task and replayed base-task examples together)
+    val: int = 100  # rows in val.jsonl (same mix as train)
+    test: int = 200  # new-task examples only: measures the new capability
+    test_base: int = 200  # base-task examples only: measures forgetting
+
+
+def generate_extension(task: str, n: int, seed: int = 0, hard: bool = False) -> list[Example]:
+    """`n` examples of extension `task`'s intents (distinct messages), deterministic by seed. The random
+    stream is separate from :func:`generate`'s (and from the teacher's), whatever the seed."""
+    intents = _extension_intents(task)
+    rng = random.Random(f"slmops-finetune-{task}-{seed}-{'hard' if hard else 'base'}")
+    return _distinct(n, lambda: make_example(rng, hard=hard, intent=rng.choice(intents)))
+
+
+def _extension_intents(task: str) -> tuple[str, ...]:
+    if task not in EXTENSION_TASKS:
+        raise BadInputError(f"unknown fine-tuning task {task!r}", f"use one of {', '.join(EXTENSION_TASKS)}")
+    return EXTENSION_TASKS[task]
+
+
+def _distinct(n: int, make) -> list[Example]:
+    seen: set[str] = set()
+    out: list[Example] = []
+    while len(out) < n:
+        ex = make()
+        if ex.message not in seen:
+            seen.add(ex.message)
+            out.append(ex)
+    return out
+
+
+def _write_rows(path: Path, examples: list[Example]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(to_chat_row(ex), ensure_ascii=False) + "\n")
+
+
+def write_finetune_data(out_dir: str | Path, task: str, seed: int = 0, sizes: FinetuneSizes = FinetuneSizes(),
+                        replay: float = 0.25, hard: bool = False) -> dict:
+    """Write a fine-tuning set for extension `task` (see :data:`EXTENSION_TASKS`); return paths and counts.
+
+    Files (chat JSONL, rows as :func:`to_chat_row` writes them):
+
+    - ``train.jsonl`` / ``val.jsonl``: ``sizes.train`` / ``sizes.val`` rows, of which ``round(replay * n)``
+      are base-task examples (replay, so the fine-tuned model keeps the 12 base intents) and the rest are
+      the task's new intents; shuffled.
+    - ``test.jsonl``: ``sizes.test`` examples of the new intents only (the new capability).
+    - ``test_base.jsonl``: ``sizes.test_base`` base-task examples (the forgetting check).
+    - ``task.json``: the task, its intents, seed, replay and counts.
+
+    Every split is disjoint from the others by message text; everything is deterministic by `seed`, from
+    random streams of its own (not those of :func:`write_demo_data` or the bundled teacher's training).
+    Returns ``{"train", "val", "test", "test_base", "task_file": path, "task": name, "intents": [...],
+    "counts": {split: {"new": n, "base": n}}}``.
+    """
+    intents = _extension_intents(task)
+    if not 0 <= replay < 1:
+        raise BadInputError(f"replay must be in [0, 1), got {replay}", "e.g. 0.25: a quarter of train/val is base-task data")
+    for name in ("train", "val", "test", "test_base"):
+        if getattr(sizes, name) < 0:
+            raise BadInputError(f"sizes.{name} must be >= 0, got {getattr(sizes, name)}")
+    base_n = {"train": round(replay * sizes.train), "val": round(replay * sizes.val), "test": 0,
+              "test_base": sizes.test_base}
+    new_n = {"train": sizes.train - base_n["train"], "val": sizes.val - base_n["val"], "test": sizes.test,
+             "test_base": 0}
+    new = generate_extension(task, sum(new_n.values()), seed=seed, hard=hard)
+    base_rng = random.Random(f"slmops-finetune-replay-{seed}-{'hard' if hard else 'base'}")
+    base = _distinct(sum(base_n.values()), lambda: make_example(base_rng, hard=hard))
+    shuffle = random.Random(f"slmops-finetune-shuffle-{task}-{seed}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"task": task, "intents": list(intents), "counts": {}}
+    i_new = i_base = 0
+    for name in ("train", "val", "test", "test_base"):
+        rows = new[i_new:i_new + new_n[name]] + base[i_base:i_base + base_n[name]]
+        i_new += new_n[name]
+        i_base += base_n[name]
+        if name in ("train", "val"):
+            shuffle.shuffle(rows)
+        path = out / f"{name}.jsonl"
+        _write_rows(path, rows)
+        result[name] = str(path)
+        result["counts"][name] = {"new": new_n[name], "base": base_n[name]}
+    task_file = out / "task.json"
+    task_file.write_text(json.dumps({
+        "task": task, "intents": list(intents), "base_intents": list(INTENTS), "seed": seed, "replay": replay,
+        "hard": hard, "counts": result["counts"],
+    }, indent=2) + "\n", encoding="utf-8")
+    result["task_file"] = str(task_file)
+    return result

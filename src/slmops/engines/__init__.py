@@ -1,7 +1,8 @@
 """Engines: one interface for every model run (see `slmops.engines.base.Engine`).
 
-`open_engine(ref)` picks the engine from what the reference is: a Hugging Face model folder (torch), or a
-workspace artifact id/alias whose folder is one. Other engines (ONNX Runtime GenAI, llama.cpp, remote
+`open_engine(ref)` picks the engine from what the reference is: a Hugging Face model folder (torch), a
+PEFT adapter folder (torch: its base model with the adapter on by default), or a workspace artifact
+id/alias whose folder is one of those. Other engines (ONNX Runtime GenAI, llama.cpp, remote
 OpenAI-compatible endpoints) plug in here behind the same protocol.
 """
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.engines.base import (
+    BASE_ADAPTER,
     Engine,
     EngineInfo,
     GenerationRequest,
@@ -24,6 +26,8 @@ from slmops.errors import BadInputError, NotFoundError
 def engine_kind(path: Path) -> str:
     """Which engine serves the model at `path` (a local file or folder)."""
     if path.is_dir():
+        if (path / "adapter_config.json").exists():
+            return "adapter"
         if (path / "genai_config.json").exists():
             return "ort-genai"
         if (path / "config.json").exists():
@@ -38,7 +42,13 @@ def engine_kind(path: Path) -> str:
 
 
 def open_engine(ref: str | Path, workspace=None, **opts: Any) -> Engine:
-    """Open the model behind `ref` (artifact id, alias, folder, file or hub id) with the right engine."""
+    """Open the model behind `ref` (artifact id, alias, folder, file or hub id) with the right engine.
+
+    An adapter folder (or adapter artifact) opens its base model (the adapter artifact's model parent, or
+    ``base_model_name_or_path`` in adapter_config.json; ``base=`` overrides) with the adapter loaded under
+    its artifact or folder name and used by every request that names no adapter. Torch options such as
+    ``adapters={name: folder}`` load more adapters beside it.
+    """
     ref_s = str(ref)
     if ref_s.startswith(("http://", "https://")):
         from slmops.engines.openai_http import OpenAIHTTPEngine
@@ -67,10 +77,41 @@ def open_engine(ref: str | Path, workspace=None, **opts: Any) -> Engine:
         from slmops.engines.torch_engine import TorchEngine
 
         return TorchEngine(path, **opts)
+    if kind == "adapter":
+        return _open_adapter(path, workspace, **opts)
     raise BadInputError(f"the {kind} engine is not available in this version of slmops (model: {path})")
 
 
+def _open_adapter(path: Path, workspace=None, *, base: str | None = None, **opts: Any) -> Engine:
+    from slmops.adapters.core import read_adapter, require_base, resolve_ref
+    from slmops.engines.torch_engine import TorchEngine
+
+    info = read_adapter(path)
+    base_ref = require_base(info, base, workspace)
+    base_path, _ = resolve_ref(base_ref, workspace)
+    if Path(base_path).exists() and engine_kind(Path(base_path)) != "torch":
+        raise BadInputError(f"the base of adapter {path} is not a Hugging Face model folder: {base_path}",
+                            "pass base=<model folder> (adapters are served by the torch engine)")
+    name = _adapter_name(info)
+    adapters = {**(opts.pop("adapters", None) or {})}
+    if name in adapters:
+        raise BadInputError(f"adapter name {name!r} is given twice")
+    adapters = {name: str(info.path), **adapters}
+    opts.setdefault("default_adapter", name)
+    return TorchEngine(base_path, adapters=adapters, workspace=workspace, **opts)
+
+
+def _adapter_name(info) -> str:
+    """The name an adapter folder is loaded under: its artifact name, else its folder name (made valid)."""
+    import re
+
+    raw = (info.manifest or {}).get("name") or info.path.name
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(raw)).strip("-._")[:64] or "adapter"
+    return "adapter" if name == BASE_ADAPTER else name
+
+
 __all__ = [
+    "BASE_ADAPTER",
     "Engine", "EngineInfo", "GenerationRequest", "GenerationResult", "Logprobs", "TokenEvent",
     "engine_kind", "open_engine",
 ]

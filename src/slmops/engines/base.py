@@ -14,6 +14,10 @@ from slmops.errors import BadInputError
 
 FinishReason = Literal["stop", "length"]
 
+# `GenerationRequest.adapter` value that asks for the base model with every adapter off (an engine opened on
+# an adapter folder uses that adapter for requests that name none); no adapter may be called this.
+BASE_ADAPTER = "base"
+
 
 @dataclass
 class GenerationRequest:
@@ -22,6 +26,10 @@ class GenerationRequest:
     `temperature == 0` means greedy. `seed` makes sampling reproducible per request, whatever else is in
     the batch. Generation ends at the tokenizer's end-of-turn token, at any of `stop` (not included in
     the text) or after `max_new_tokens`.
+
+    `adapter` names one of the engine's loaded adapters (e.g. LoRA) to generate with; None uses the
+    engine's default (the base model, unless the engine was opened on an adapter folder) and
+    :data:`BASE_ADAPTER` ("base") always the base model. Engines without adapters reject any other name.
     """
 
     messages: list[dict[str, str]] | None = None
@@ -32,8 +40,11 @@ class GenerationRequest:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
+            raise BadInputError(f"adapter must be a non-empty name or None, got {self.adapter!r}")
         if (self.messages is None) == (self.prompt is None):
             raise BadInputError("a GenerationRequest needs exactly one of `messages` or `prompt`")
         if self.max_new_tokens < 1:

@@ -4,17 +4,25 @@ Batched greedy and sampled generation with left padding and a KV cache, per-requ
 whatever else is in the batch), stop strings, token streaming and per-token logprobs. The loop is ours
 (not `model.generate`) so that streaming, stop strings and per-request sampling share one code path; a
 test checks it matches `transformers.generate` token for token.
+
+Adapters: several PEFT adapters (e.g. LoRA) can sit on one base (`adapters={name: folder}`,
+`load_adapter`, `unload_adapter`). The model is wrapped in a PeftModel on the first one; a batch is split
+into groups by `GenerationRequest.adapter`, and each group runs with its adapter active (switching is a
+flag flip, about a millisecond) or with every adapter off for the base model.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slmops.engines.base import (
+    BASE_ADAPTER,
     EngineInfo,
     GenerationRequest,
     GenerationResult,
@@ -45,9 +53,14 @@ class _Row:
 
 class TorchEngine:
     name = "torch"
+    _UNKNOWN = "\0unknown"  # `_active` when PEFT's active adapter is not known (after a load or unload)
 
     def __init__(self, path: str | Path | None = None, *, model=None, tokenizer=None, dtype: str = "float32",
-                 device: str = "cpu", max_batch_size: int = 16, threads: int | None = None):
+                 device: str = "cpu", max_batch_size: int = 16, threads: int | None = None,
+                 adapters: dict[str, str] | None = None, default_adapter: str | None = None, workspace=None):
+        """`adapters`: name -> adapter folder, loaded on top of the model. `default_adapter`: the adapter of
+        requests that name none (default: none, the base model). `workspace` lets adapter checks find an
+        adapter artifact's registered base."""
         import torch
 
         if threads:
@@ -74,6 +87,104 @@ class TorchEngine:
                 eos.update(src)
         self.eos_ids = eos
         self.context_length = getattr(model.config, "max_position_embeddings", None)
+        self._workspace = workspace
+        self._peft = None  # the PeftModel wrapping self.model once an adapter is loaded
+        self._adapter_paths: dict[str, str] = {}
+        # name -> the name inside PEFT (adapter names become module keys there: no dots, and PEFT misloads
+        # names that are part of its "lora_" prefix, such as "a"), so any valid name works here
+        self._peft_names: dict[str, str] = {}
+        self._loads = 0
+        self._active: str | None = None  # the adapter the model runs with now; None: all adapters off
+        self._lock = threading.RLock()  # adapter switches + forwards, when adapters are loaded
+        self.default_adapter: str | None = None
+        for name, adapter_path in (adapters or {}).items():
+            self.load_adapter(name, adapter_path)
+        if default_adapter is not None:
+            self.set_default_adapter(default_adapter)
+
+    # --- adapters --------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters, in load order."""
+        return list(self._adapter_paths)
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load the PEFT adapter folder `path` under `name` (the active one is chosen per request).
+
+        Raises ``BadInputError`` for a taken or invalid name, a folder that is not an adapter, or an adapter
+        that does not fit this model (other architecture or sizes)."""
+        from slmops.adapters.core import attach_adapter, check_adapter_name, read_adapter
+
+        check_adapter_name(name)
+        if name in self._adapter_paths:
+            raise BadInputError(f"an adapter named {name!r} is already loaded ({self._adapter_paths[name]})",
+                                "unload_adapter(name) first, or choose another name")
+        info = read_adapter(path)
+        with self._lock:
+            self._loads += 1
+            peft_name = f"slmops_adapter{self._loads}"
+            self._peft = attach_adapter(self.model, info, peft_name, peft_model=self._peft, workspace=self._workspace)
+            self._peft.eval()
+            self._adapter_paths[name] = str(info.path)
+            self._peft_names[name] = peft_name
+            self._active = self._UNKNOWN  # from_pretrained/load_adapter may have changed what is active
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter `name`; after the last one the model is the plain base model again."""
+        self._adapter_name(name)
+        with self._lock:
+            with warnings.catch_warnings():  # "adapter ... was active which is now deleted": we re-activate
+                warnings.simplefilter("ignore")
+                self._peft.delete_adapter(self._peft_names.pop(name))
+            del self._adapter_paths[name]
+            self._active = self._UNKNOWN
+            if not self._adapter_paths:
+                self.model = self._peft.unload()  # take the adapter layers out: the original modules again
+                self._peft = None
+                self._active = None
+        if self.default_adapter == name:
+            self.default_adapter = None
+
+    def set_default_adapter(self, name: str | None) -> None:
+        """The adapter used by requests whose `adapter` is None (None: the base model)."""
+        self.default_adapter = None if name in (None, BASE_ADAPTER) else self._adapter_name(name)
+
+    def _adapter_name(self, name: str) -> str:
+        if name not in self._adapter_paths:
+            loaded = ", ".join(self._adapter_paths) or "none"
+            raise BadInputError(f"no adapter named {name!r} is loaded (loaded: {loaded})",
+                                f"use one of the loaded adapters, {BASE_ADAPTER!r} for the base model, or load it "
+                                "first (load_adapter / --adapter NAME=DIR)")
+        return name
+
+    def _resolve_adapter(self, name: str | None) -> str | None:
+        """The adapter a request naming `name` runs with (None: the base model); BadInputError for an
+        unknown name."""
+        if name is None:
+            return self.default_adapter
+        if name == BASE_ADAPTER:
+            return None
+        return self._adapter_name(name)
+
+    def _activate(self, name: str | None) -> None:
+        """Make the model run with adapter `name` (None: every adapter off). Cheap when nothing changes."""
+        if self._peft is None or self._active == name:
+            return
+        lora = self._peft.base_model
+        if name is None:
+            lora.disable_adapter_layers()
+        else:
+            if self._active is None or self._active == self._UNKNOWN:
+                lora.enable_adapter_layers()
+            self._peft.set_adapter(self._peft_names[name], inference_mode=True)
+        self._active = name
+
+    def _forward(self, adapter: str | None, **kw):
+        if self._peft is None:
+            return self.model(**kw)
+        with self._lock:
+            self._activate(adapter)
+            return self.model(**kw)
 
     # --- protocol --------------------------------------------------------------------------------
     def info(self) -> EngineInfo:
@@ -83,11 +194,22 @@ class TorchEngine:
         if self.path and Path(self.path).is_dir():
             size = sum(p.stat().st_size for p in Path(self.path).glob("*")
                        if p.suffix in (".safetensors", ".bin", ".pt"))
+        params = count_parameters(self.model)
+        extra = {}
+        if self._adapter_paths:
+            sizes = {n: 0 for n in self._adapter_paths}
+            for pname, p in self.model.named_parameters():
+                for n in sizes:
+                    if f".{self._peft_names[n]}." in pname:
+                        sizes[n] += p.numel()
+            params -= sum(sizes.values())
+            extra = {"adapters": dict(self._adapter_paths), "adapter_parameters": sizes,
+                     "default_adapter": self.default_adapter}
         return EngineInfo(
             name=self.name, format="hf", precision={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.dtype],
-            parameters=count_parameters(self.model), bytes_on_disk=size, device=self.device, path=self.path,
+            parameters=params, bytes_on_disk=size, device=self.device, path=self.path,
             context_length=self.context_length, vocab_size=self.model.config.vocab_size,
-            chat_template=getattr(self.tokenizer, "chat_template", None),
+            chat_template=getattr(self.tokenizer, "chat_template", None), extra=extra,
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -105,22 +227,29 @@ class TorchEngine:
         return self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Generate for every request, in batches of `max_batch_size` (grouped by prompt length)."""
+        """Generate for every request, in batches of `max_batch_size` (grouped by adapter, then by prompt
+        length)."""
+        adapters = [self._resolve_adapter(r.adapter) for r in requests]  # unknown names fail before any work
         rows = [self._row(r) for r in requests]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids))
+        groups: dict[str | None, list[int]] = {}
+        for i, name in enumerate(adapters):
+            groups.setdefault(name, []).append(i)
         results: list[GenerationResult | None] = [None] * len(rows)
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
-            t0 = time.perf_counter()
-            for _ in self._steps([rows[i] for i in chunk]):
-                pass
-            for i in chunk:
-                results[i] = self._result(rows[i], t0)
+        for name, members in groups.items():
+            order = sorted(members, key=lambda i: len(rows[i].prompt_ids))
+            for start in range(0, len(order), self.max_batch_size):
+                chunk = order[start:start + self.max_batch_size]
+                t0 = time.perf_counter()
+                for _ in self._steps([rows[i] for i in chunk], name):
+                    pass
+                for i in chunk:
+                    results[i] = self._result(rows[i], t0)
         return results  # type: ignore[return-value]
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+        adapter = self._resolve_adapter(request.adapter)
         row = self._row(request)
-        for _ in self._steps([row]):
+        for _ in self._steps([row], adapter):
             safe = len(row.text) if row.finish_reason else len(row.text) - stop_holdback(row.text, request.stop)
             if row.text.endswith("\ufffd") and not row.finish_reason:
                 safe = min(safe, len(row.text) - 1)
@@ -134,10 +263,12 @@ class TorchEngine:
             if row.finish_reason:
                 return
 
-    def logprobs(self, texts: list[str], batch_size: int = 8) -> list[Logprobs]:
-        """log p(token_i | tokens<i) for each text (no special tokens added)."""
+    def logprobs(self, texts: list[str], batch_size: int = 8, adapter: str | None = None) -> list[Logprobs]:
+        """log p(token_i | tokens<i) for each text (no special tokens added), under `adapter` (the same
+        meaning as `GenerationRequest.adapter`)."""
         import torch
 
+        name = self._resolve_adapter(adapter)
         out: list[Logprobs] = []
         for start in range(0, len(texts), batch_size):
             enc = [self.tokenize(t) for t in texts[start:start + batch_size]]
@@ -148,7 +279,7 @@ class TorchEngine:
                 ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
                 att[i, : len(e)] = 1
             with torch.inference_mode():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=att.to(self.device)).logits.float()
+                logits = self._forward(name, input_ids=ids.to(self.device), attention_mask=att.to(self.device)).logits.float()
             lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(self.device))[..., 0]
             for i, e in enumerate(enc):
                 vals: list[float | None] = [None] + [float(x) for x in lp[i, : max(0, len(e) - 1)]]
@@ -158,6 +289,9 @@ class TorchEngine:
 
     def close(self) -> None:
         self.model = None
+        self._peft = None
+        self._adapter_paths = {}
+        self._peft_names = {}
 
     # --- internals -------------------------------------------------------------------------------
     def _row(self, request: GenerationRequest) -> _Row:
@@ -221,8 +355,9 @@ class TorchEngine:
         elif len(row.ids) >= row.request.max_new_tokens:
             row.finish_reason = "length"
 
-    def _steps(self, rows: list[_Row]) -> Iterator[None]:
-        """Run the batch to completion, yielding after every decode step."""
+    def _steps(self, rows: list[_Row], adapter: str | None = None) -> Iterator[None]:
+        """Run the batch to completion with `adapter` (None: base model), yielding after every decode step.
+        The adapter is (re)activated before every forward, so interleaved streams stay correct."""
         import torch
 
         width = max(len(r.prompt_ids) for r in rows)
@@ -237,10 +372,13 @@ class TorchEngine:
         # Without padding the mask is all ones: leave it out so the model takes its causal fast path
         # (no per-step mask building), which is a large share of a small model's step on CPU.
         padded = bool((att == 0).any())
-        with torch.inference_mode():
-            while True:
-                out = self.model(
-                    input_ids=step_ids.to(self.device), attention_mask=att.to(self.device) if padded else None,
+        # inference mode is entered per step, never held across the `yield`: it is thread-local state, and a
+        # suspended stream would otherwise leave the caller's code (e.g. training) in inference mode
+        while True:
+            with torch.inference_mode():
+                out = self._forward(
+                    adapter, input_ids=step_ids.to(self.device),
+                    attention_mask=att.to(self.device) if padded else None,
                     position_ids=step_pos.to(self.device), cache=past, use_cache=True, logits_to_keep=1,
                 )
                 past = out.cache
@@ -254,9 +392,9 @@ class TorchEngine:
                     tok, lp = self._pick(r, logits[i])
                     self._advance(r, tok, lp, now)
                     next_tokens.append(tok)
-                yield
-                if all(r.finish_reason for r in rows):
-                    return
-                step_ids = torch.tensor(next_tokens, dtype=torch.long)[:, None]
-                step_pos = step_pos[:, -1:] + 1
-                att = torch.cat([att, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+            yield
+            if all(r.finish_reason for r in rows):
+                return
+            step_ids = torch.tensor(next_tokens, dtype=torch.long)[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            att = torch.cat([att, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)

@@ -48,13 +48,16 @@ def evaluate_engine(
     max_new_tokens: int = 96,
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
+    adapter: str | None = None,
 ) -> EvalResult:
-    """Greedy answers for every record (batched through the engine), scored against the references."""
+    """Greedy answers for every record (batched through the engine), scored against the references.
+    `adapter`: a named adapter loaded in the engine (None: the engine's default)."""
     prompts, refs = split_prompt_reference(records)
     preds: list[str] = []
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
-        batch = [GenerationRequest(messages=m, max_new_tokens=max_new_tokens) for m in prompts[start:start + batch_size]]
+        batch = [GenerationRequest(messages=m, max_new_tokens=max_new_tokens, adapter=adapter)
+                 for m in prompts[start:start + batch_size]]
         preds += [r.text for r in engine.generate(batch)]
         if progress:
             progress(len(batch))

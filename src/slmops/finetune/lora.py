@@ -12,6 +12,8 @@ from slmops.errors import BadInputError
 from slmops.finetune.config import LoraSettings
 
 log = logging.getLogger(__name__)
+# bitsandbytes warns on import that an optional faster CPU kernel package is missing; it trains without it
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Attention and MLP projections per architecture (the QLoRA paper's "all linear layers" but the head).
@@ -50,8 +52,6 @@ def qlora_unavailable_reason() -> str | None:
 
     if importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed (pip install bitsandbytes)"
-    # bnb logs a warning about an optional faster CPU kernel package on import; it trains without it
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes as bnb
     except Exception as exc:  # a broken native library shows here
@@ -128,6 +128,25 @@ def fix_cpu_4bit(model: Any) -> int:
     return n
 
 
+def load_nf4_rounded(model_ref: str):
+    """A dense fp32 copy of `model_ref` whose weights are exactly what QLoRA's 4-bit base computes with
+    (NF4-quantised then dequantised). A QLoRA adapter on it reproduces the trained model numerically, with
+    dense CPU speed: use it to evaluate or merge a QLoRA adapter."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from slmops.models.load import load_model
+
+    quantised = load_model(model_ref, dtype="float32", quantization_config=quantization_config(model_ref))
+    dense = load_model(model_ref, dtype="float32")
+    modules = dict(dense.named_modules())
+    for name, m in quantised.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            modules[name].weight.data = dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+    del quantised
+    return dense
+
+
 def count_4bit_layers(model: Any) -> int:
     try:
         import bitsandbytes as bnb
@@ -143,6 +162,7 @@ __all__ = [
     "default_target_modules",
     "fix_cpu_4bit",
     "linear_shapes",
+    "load_nf4_rounded",
     "lora_config",
     "qlora_unavailable_reason",
     "quantization_config",

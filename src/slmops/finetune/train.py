@@ -51,6 +51,7 @@ from slmops.training.common import (
 )
 
 log = logging.getLogger(__name__)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see finetune/lora.py
 RUNS_DIR = "runs"
 
 
@@ -72,8 +73,9 @@ class FinetuneReport:
     packed_rows: int | None             # training rows after packing (None without packing)
     dropped_rows: int                   # rows without a labelled token left after truncation
     tokens_seen: int
-    tokens_per_s: float
-    train_time_s: float
+    tokens_per_s: float                 # non-padding tokens / training time without validation and checkpoints
+    train_time_s: float                 # trainer.train() wall time (validation and checkpoints included)
+    eval_save_time_s: float             # of which validating and checkpointing
     wall_time_s: float
     parameters: int                     # all parameters of the trained model (base + adapter)
     trainable_parameters: int
@@ -396,6 +398,20 @@ def _run(config: FinetuneConfig | dict, out_dir: str | Path, *, workspace, progr
         compute_loss_func=loss_fn,
     )
     trainer.remove_callback(PrinterCallback)
+    # time spent validating and checkpointing inside train(), so tokens/s measures the training steps only
+    overhead = {"s": 0.0}
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                overhead["s"] += time.perf_counter() - t0
+        return wrapper
+
+    trainer.evaluate = timed(trainer.evaluate)
+    trainer._save_checkpoint = timed(trainer._save_checkpoint)
 
     # 4. train; the validation loss of the result
     output = trainer.train(resume_from_checkpoint=resume_from)
@@ -413,6 +429,7 @@ def _run(config: FinetuneConfig | dict, out_dir: str | Path, *, workspace, progr
             val_loss, best_step = float(trainer.evaluate()["eval_loss"]), state.global_step
     session_tokens = state.num_input_tokens_seen - stats.get("tokens0", 0)
     train_time = float(output.metrics.get("train_runtime", time.time() - stats.get("t0", t_start)))
+    step_time = max(train_time - overhead["s"], 1e-9)
     stopped_early = bool(early and early.early_stopping_patience_counter >= cfg.early_stopping_patience
                          and state.global_step < state.max_steps)
     final = trainer.accelerator.unwrap_model(trainer.model)
@@ -424,7 +441,8 @@ def _run(config: FinetuneConfig | dict, out_dir: str | Path, *, workspace, progr
         best_val_loss=min((v for _, v in evals), default=None), best_step=best_step,
         train_rows=unpacked_rows, val_rows=len(val_ds), packed_rows=len(train_ds) if cfg.packing else None,
         dropped_rows=dropped + val_dropped, tokens_seen=int(state.num_input_tokens_seen),
-        tokens_per_s=round(session_tokens / max(train_time, 1e-9), 1), train_time_s=round(train_time, 2),
+        tokens_per_s=round(session_tokens / step_time, 1), train_time_s=round(train_time, 2),
+        eval_save_time_s=round(overhead["s"], 2),
         wall_time_s=0.0, parameters=total, trainable_parameters=trainable,
         trainable_share=round(trainable / max(total, 1), 6), quantized_layers=count_4bit_layers(final),
         peak_rss_mb=peak_rss_mb(), lr=cfg.learning_rate, stopped_early=stopped_early,
