@@ -11,7 +11,8 @@ from slmops.workspace import Workspace
 
 def test_quickstart_writes_report_and_registers_lineage(tmp_path, capsys):
     workdir = tmp_path / "qs"
-    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24", "--distill-steps", "0"]) == 0
+    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24", "--distill-steps", "0",
+                "--finetune-steps", "0"]) == 0
     out = capsys.readouterr().out
     assert "exact match" in out and "report.md" in out
     report = (workdir / "report.md").read_text()
@@ -27,15 +28,17 @@ def test_quickstart_writes_report_and_registers_lineage(tmp_path, capsys):
     assert set(ws.registry.parents(ev)) == {manifest["id"], ws.registry.list("dataset")[0]["id"]}
     assert ws.registry.metrics(ev)["n"] == 24
     # a second run reuses the dataset and teacher and adds one eval
-    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24", "--distill-steps", "0"]) == 0
+    assert run(["quickstart", "--workdir", str(workdir), "--limit", "24", "--distill-steps", "0",
+                "--finetune-steps", "0"]) == 0
     kinds = sorted(r["kind"] for r in ws.registry.list())
     assert kinds == ["dataset", "eval", "eval", "model"]
     assert run(["-w", str(workdir / ".slmops"), "registry", "verify"]) == 0
 
 
-def test_quickstart_distills_a_smaller_student(tmp_path, capsys):
+def test_quickstart_distills_a_smaller_student_and_fine_tunes_it(tmp_path, capsys):
     workdir = tmp_path / "qs"
-    rc = run(["quickstart", "--workdir", str(workdir), "--limit", "12", "--distill-steps", "10", "--prompts", "48"])
+    rc = run(["quickstart", "--workdir", str(workdir), "--limit", "12", "--distill-steps", "10", "--prompts", "48",
+              "--finetune-steps", "6"])
     assert rc == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "retention" in out
@@ -45,6 +48,13 @@ def test_quickstart_distills_a_smaller_student(tmp_path, capsys):
     teacher = ws.manifest("demo-teacher")
     students = [r for r in ws.registry.list("model") if r["id"] != teacher.id]
     assert len(students) == 1
+    # the LoRA stage: an adapter on the student, trained on the registered `gifts` data, scored before/after
+    assert "## Fine-tuning: a LoRA adapter for new intents" in report and "| new intents (12 examples) |" in report
+    [adapter] = ws.registry.list("adapter")
+    gifts = next(r["id"] for r in ws.registry.list("dataset") if r["name"] == "demo-gifts")
+    assert set(ws.registry.parents(adapter["id"])) == {students[0]["id"], gifts}
+    assert "exact_match_new_task" in ws.registry.metrics(adapter["id"])
+    assert "LoRA adapter" in out
     metrics = ws.registry.metrics(students[0]["id"])
     assert metrics["param_ratio"] <= 0.25  # the demo student is at most a quarter of the teacher
     assert teacher.id in ws.registry.lineage(students[0]["id"])["ancestors"]

@@ -89,3 +89,11 @@ def test_demo_data_command(tmp_path, capsys):
     assert run(["demo", "data", "--out", str(tmp_path / "d"), "--seed", "1"]) == 0
     for name in ("train", "val", "test", "prompts", "gold"):
         assert (tmp_path / "d" / f"{name}.jsonl").stat().st_size > 0
+
+
+def test_demo_finetune_data_command(tmp_path, capsys):
+    assert run(["demo", "finetune-data", "--out", str(tmp_path / "f"), "--task", "subscriptions", "--train", "40"]) == 0
+    rows = (tmp_path / "f" / "train.jsonl").read_text().splitlines()
+    assert len(rows) == 40 and (tmp_path / "f" / "test_base.jsonl").stat().st_size > 0
+    assert "pause_subscription" in capsys.readouterr().out
+    assert run(["demo", "finetune-data", "--out", str(tmp_path / "g"), "--task", "nope"]) == 2

@@ -31,6 +31,28 @@ def data(
         common.console.print(f"{name:8s} {path}")
 
 
+@demo_app.command("finetune-data")
+def finetune_data(
+    out: Annotated[Path, typer.Option(help="Folder for train/val/test/test_base JSONL files and task.json.")],
+    task: Annotated[str, typer.Option(help="Extension task: gifts (gift_card, price_match) or subscriptions (pause_subscription, loyalty_points).")] = "gifts",
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same files.")] = 0,
+    train: Annotated[int, typer.Option(help="Rows in train.jsonl.")] = 1000,
+    replay: Annotated[float, typer.Option(help="Share of train/val rows taken from the original task, so a fine-tune keeps it.")] = 0.25,
+) -> None:
+    """Write a fine-tuning set with intents the demo models have never seen.
+
+    test.jsonl holds only the new intents (the new capability); test_base.jsonl only the original task
+    (the forgetting check). Train on the folder with `slmops finetune --data OUT`.
+    """
+    from slmops.demo.task import FinetuneSizes, write_finetune_data
+
+    files = write_finetune_data(out, task, seed=seed, replay=replay,
+                                sizes=FinetuneSizes(train=train, val=max(1, train // 10)))
+    for name in ("train", "val", "test", "test_base", "task_file"):
+        common.console.print(f"{name:9s} {files[name]}")
+    common.console.print(f"new intents: {', '.join(files['intents'])}")
+
+
 @demo_app.command("train-teacher")
 def train_teacher_cmd(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,

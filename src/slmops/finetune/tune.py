@@ -434,7 +434,8 @@ def task_scores(cfg: FinetuneConfig, trial_dir: Path, records: list[dict], *, ba
                 max_new_tokens: int = 96) -> dict[str, float]:
     """Greedy answers of the fine-tuned model in `trial_dir` on `records`, scored (exact_match, ...).
 
-    An adapter is merged into its base (loaded in float32, also for QLoRA) before answering."""
+    An adapter is merged into its base (float32; for QLoRA the NF4-rounded base it trained with, so the
+    score is the trained model's) before answering."""
     import torch
 
     from slmops.engines.torch_engine import TorchEngine
@@ -446,7 +447,12 @@ def task_scores(cfg: FinetuneConfig, trial_dir: Path, records: list[dict], *, ba
     if cfg.uses_adapter:
         from peft import PeftModel
 
-        base = load_model(base_ref, dtype="float32", device=device)
+        if cfg.method == "qlora":
+            from slmops.finetune.lora import load_nf4_rounded
+
+            base = load_nf4_rounded(base_ref)
+        else:
+            base = load_model(base_ref, dtype="float32", device=device)
         model = PeftModel.from_pretrained(base, str(trial_dir)).merge_and_unload()
     else:
         model = load_model(str(trial_dir), dtype="float32", device=device)
