@@ -72,6 +72,30 @@ def train(work: Path, name: str, data: Path, args, *, kd_alpha: float, teacher: 
     return out
 
 
+def onnx_speed(work: Path, models: dict[str, str], test: str, args) -> dict:
+    """The teacher and the sequence-level student exported to ONNX fp32 (no precision change) and run by the
+    ort-genai engine, the CPU deployment path: interleaved single-request decode speed and exact match."""
+    from slmops.data import load_dataset_file
+    from slmops.engines import open_engine
+    from slmops.evaluate.runner import compare_latency, evaluate_engine
+    from slmops.export.onnx import export_onnx
+
+    engines = {}
+    for name in ("teacher", "student-seq"):
+        out = work / f"onnx-{name}"
+        if not (out / "genai_config.json").exists() or args.fresh:
+            export_onnx(models[name], out, precision="fp32", force=True)
+        engines[name] = open_engine(str(out))
+    records = load_dataset_file(test).records
+    speed = compare_latency(engines, records, n=args.latency_requests)
+    em = {name: evaluate_engine(engine, records).scores["exact_match"] for name, engine in engines.items()}
+    t, s = speed["teacher"]["median_decode_tok_s"], speed["student-seq"]["median_decode_tok_s"]
+    log(f"ort-genai fp32: teacher {t:,.0f} tok/s, student {s:,.0f} tok/s ({s / t:.2f}x)")
+    return {"engine": "ort-genai", "precision": "fp32", "decode_tok_s": {"teacher": t, "student-seq": s},
+            "decode_speedup": s / t, "exact_match": em,
+            "median_latency_ms": {k: v["median_latency_s"] * 1000 for k, v in speed.items()}}
+
+
 def run_variant(variant: str, args) -> dict:
     from slmops.distill.compare import compare_models
 
@@ -90,6 +114,7 @@ def run_variant(variant: str, args) -> dict:
     log(f"evaluating {list(models)} on {variant} test")
     result = compare_models(models, paths["test"], reference="teacher", latency_requests=args.latency_requests,
                             threads=args.threads)
+    result["onnx"] = onnx_speed(work, models, paths["test"], args)
     stage1_info = json.loads((synthetic / "stage1.json").read_text())
     result.update({"variant": variant, "prompts": args.prompts, "gold_examples": sizes.gold,
                    "train_steps": args.steps, "stage1": stage1_info,
@@ -121,10 +146,15 @@ def main() -> None:
     # the distilled student is the better of sequence-level and logit-KD training (both are reported)
     main_student = max((m for m in ("student-kd", "student-seq") if m in base), key=lambda m: base[m]["exact_match"])
     s, t = base[main_student], base["teacher"]
+    onnx = results["base"]["onnx"]
     payload = {
         "retention": s["retention"],
         "param_ratio": s["param_ratio"],
-        "decode_speedup": s["decode_speedup"],
+        # decode speed on the deployment engine (ONNX Runtime GenAI, fp32 like the source); the torch engine's
+        # figure is kept beside it: at this size its per-layer Python overhead dominates a decode step
+        "decode_speedup": onnx["decode_speedup"],
+        "decode_speedup_engine": "ort-genai fp32 (student-seq vs teacher)",
+        "decode_speedup_torch": s["decode_speedup"],
         "baseline_exact_match": base["student-gold"]["exact_match"],
         "main_student": main_student,
         "teacher_exact_match": t["exact_match"],
@@ -138,7 +168,8 @@ def main() -> None:
             "seq_val_loss": results["base"]["training"]["seq"]["val_loss"],
         },
         "targets": {"retention>=0.92": s["retention"] >= 0.92, "param_ratio<=0.25": s["param_ratio"] <= 0.25,
-                    "decode_speedup>=3": (s["decode_speedup"] or 0) >= 3.0},
+                    "decode_speedup>=3 (ort-genai)": onnx["decode_speedup"] >= 3.0,
+                    "decode_speedup>=3 (torch)": (s["decode_speedup"] or 0) >= 3.0},
         "variants": results,
     }
     body = ""
@@ -148,10 +179,15 @@ def main() -> None:
         body += (f"## {v} variant\n\n{res['prompts']} unlabeled prompts labelled by the teacher; gold baseline: "
                  f"{res['gold_examples']} labelled examples; every student {res['train_steps']} steps of batch 32.\n\n"
                  + markdown_table(res["rows"], cols) + "\n")
+        o = res["onnx"]
+        body += (f"\nONNX Runtime GenAI (fp32 exports, interleaved single requests): teacher "
+                 f"{o['decode_tok_s']['teacher']:,.0f} tok/s, student-seq {o['decode_tok_s']['student-seq']:,.0f} tok/s "
+                 f"(**{o['decode_speedup']:.2f}x**); exact match {o['exact_match']}\n\n")
     kd = payload["kd_vs_seq"]
     body += ("## Summary\n\n"
              f"- main student: `{main_student}`; retention {payload['retention']:.3f}, parameter ratio "
-             f"{payload['param_ratio']:.3f}, decode speed-up {payload['decode_speedup']:.2f}x\n"
+             f"{payload['param_ratio']:.3f}, decode speed-up {payload['decode_speedup']:.2f}x on ort-genai "
+             f"({payload['decode_speedup_torch']:.2f}x on the torch engine)\n"
              f"- gold-only baseline exact match: {payload['baseline_exact_match']:.3f}\n"
              f"- logit KD vs sequence-level at equal steps: {kd['kd_exact_match']} vs {kd['seq_exact_match']} exact "
              f"match (difference {kd['kd_minus_seq']}); validation CE {kd['kd_val_loss']} vs {kd['seq_val_loss']}\n"

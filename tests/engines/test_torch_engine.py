@@ -164,3 +164,15 @@ def test_a_suspended_stream_does_not_leave_the_caller_in_inference_mode(engine):
     (x * 2).sum().backward()
     assert x.grad is not None
     stream.close()
+
+
+def test_token_distributions_agree_with_logprobs(engine):
+    import numpy as np
+
+    text = "Cancel order ORD-1 please, it is late"
+    dist = engine.token_distributions([text])[0]
+    lp = engine.logprobs([text])[0]
+    assert dist.shape == (len(lp.token_ids), engine.model.config.vocab_size)
+    assert np.allclose(np.exp(dist).sum(-1), 1.0, atol=1e-4)
+    picked = [float(dist[i, lp.token_ids[i + 1]]) for i in range(len(lp.token_ids) - 1)]
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(picked, lp.logprobs[1:], strict=True))

@@ -61,6 +61,8 @@ def _register() -> None:
         distill,
         distill_run,
         distill_train,
+        export,
+        export_gguf,
         finetune,
         models,
         quickstart,

@@ -1,9 +1,10 @@
 """Engines: one interface for every model run (see `slmops.engines.base.Engine`).
 
 `open_engine(ref)` picks the engine from what the reference is: a Hugging Face model folder (torch), a
-PEFT adapter folder (torch: its base model with the adapter on by default), or a workspace artifact
-id/alias whose folder is one of those. Other engines (ONNX Runtime GenAI, llama.cpp, remote
-OpenAI-compatible endpoints) plug in here behind the same protocol.
+PEFT adapter folder (torch: its base model with the adapter on by default), an ONNX Runtime GenAI
+folder (``genai_config.json``: ort-genai, see ``slmops export onnx``), a ``.gguf`` file or GGUF export
+artifact (llama.cpp, see ``slmops export gguf``), an http(s) URL (a remote OpenAI-compatible server), or a
+workspace artifact id/alias whose folder is one of those.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def engine_kind(path: Path) -> str:
             return "ort-genai"
         if (path / "config.json").exists():
             return "torch"
+        if (path / "model.gguf").exists():  # a GGUF export artifact (slmops export gguf)
+            return "llama.cpp"
         raise BadInputError(
             f"{path} is not a model folder: no config.json (Hugging Face) or genai_config.json (ONNX)",
             "pass a Hugging Face model folder, or create one with `slmops models create`",
@@ -79,6 +82,12 @@ def open_engine(ref: str | Path, workspace=None, **opts: Any) -> Engine:
         return TorchEngine(path, **opts)
     if kind == "adapter":
         return _open_adapter(path, workspace, **opts)
+    if kind == "ort-genai":
+        from slmops.engines.ortgenai_engine import OrtGenAIEngine
+
+        return OrtGenAIEngine(path, workspace=workspace, **opts)
+    if kind == "llama.cpp":
+        return _open_gguf(path, workspace, **opts)
     raise BadInputError(f"the {kind} engine is not available in this version of slmops (model: {path})")
 
 
@@ -99,6 +108,19 @@ def _open_adapter(path: Path, workspace=None, *, base: str | None = None, **opts
     adapters = {name: str(info.path), **adapters}
     opts.setdefault("default_adapter", name)
     return TorchEngine(base_path, adapters=adapters, workspace=workspace, **opts)
+
+
+def _open_gguf(path: Path, workspace=None, **opts: Any) -> Engine:
+    """A .gguf file, or a GGUF export artifact folder (model.gguf, plus adapter.lora.gguf used by default)."""
+    from slmops.engines.llamacpp_engine import LlamaCppEngine
+
+    if path.is_dir():
+        lora = path / "adapter.lora.gguf"
+        if lora.is_file() and "adapters" not in opts:
+            opts["adapters"] = {"adapter": str(lora)}
+            opts.setdefault("default_adapter", "adapter")
+        path = path / "model.gguf"
+    return LlamaCppEngine(path, workspace=workspace, **opts)
 
 
 def _adapter_name(info) -> str:

@@ -287,6 +287,23 @@ class TorchEngine:
                                     logprobs=vals[: len(e)]))
         return out
 
+    def token_distributions(self, texts: list[str], adapter: str | None = None) -> list:
+        """Next-token log-distributions for each text (no special tokens added): a numpy float32 array
+        ``[T, V]`` per text of T tokens, row i being log p(. | tokens 0..i). Used for KL parity checks."""
+        import torch
+
+        name = self._resolve_adapter(adapter)
+        out = []
+        for text in texts:
+            ids = self.tokenize(text)
+            if not ids:
+                out.append(torch.zeros((0, self.model.config.vocab_size)).numpy())
+                continue
+            with torch.inference_mode():
+                logits = self._forward(name, input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+            out.append(torch.log_softmax(logits, dim=-1).cpu().numpy())
+        return out
+
     def close(self) -> None:
         self.model = None
         self._peft = None
