@@ -105,7 +105,7 @@ def main() -> None:
 
     # noise: one answer of `eval_limit` flips the score by 1/eval_limit
     noise = 1.0 / args.eval_limit
-    rows = [{k: t.get(k) for k in ("number", "state", "value", "steps", "seconds")}
+    rows = [{k: t.get(k) for k in ("number", "state", "objective", "val_loss", "steps", "seconds")}
             | {"params": json.dumps(t.get("params"))} for t in summary["trials"]]
     payload = {
         "benchmark": "tune",
@@ -125,7 +125,7 @@ def main() -> None:
     }
     md = (f"4-trial search (LoRA on the bundled teacher, demo `gifts` extension, objective exact match on "
           f"{args.eval_limit} validation records): **{tune_s:.0f} s** (target < 600 s).\n\n"
-          + markdown_table(rows, ["number", "state", "value", "steps", "seconds", "params"])
+          + markdown_table(rows, ["number", "state", "objective", "val_loss", "steps", "seconds", "params"])
           + f"\n\nBest trial {summary['best_trial']}: {summary['best_value']:.3f}; `slmops finetune --config best.yaml` "
           f"rerun: {rerun_score:.3f} (difference {diff:+.3f}; one answer = {noise:.3f}).\n")
     json_path, md_path = write_results("tune", payload, md, args.out)
