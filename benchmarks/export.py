@@ -35,7 +35,8 @@ from slmops.demo.task import DemoSizes, write_demo_data  # noqa: E402
 from slmops.demo.teacher import BUNDLED_TEACHER_DIR  # noqa: E402
 
 ONNX = ("fp32", "int8", "int4")
-GGUF = ("f16", "q8_0", "q4_k_m", "q4_0")
+# (quant, token embedding type): q4_k_m as llama.cpp mixes it (embeddings q6_k), and with 4-bit embeddings
+GGUF = (("f16", None), ("q8_0", None), ("q4_k_m", None), ("q4_k_m", "q4_k"), ("q4_0", None))
 
 
 def log(msg: str) -> None:
@@ -83,7 +84,7 @@ def speed(ref: str, prompts: list, n: int, max_new_tokens: int) -> dict:
 
 def qwen_shape(work: Path) -> Path:
     """The Qwen2.5-0.5B-shaped preset (real vocabulary size) with random weights and the demo tokenizer."""
-    out = work / "qwen2.5-0.5b-shape"
+    out = work / "sources" / "qwen2.5-0.5b-shape"
     if (out / "config.json").exists():
         return out
     from slmops.models.create import write_model_folder
@@ -135,8 +136,9 @@ def main() -> None:
         rows.append({"model": name, "format": "torch", "precision": "fp32", "size_mb": round(params * 4 / 1e6, 2),
                      "size_ratio_vs_fp16": 2.0, **{k: s.get(k) for k in ("decode_tok_s", "ttft_s", "peak_rss_mb")},
                      "exact_match_retention": 1.0 if trained else None, "ppl_ratio": 1.0 if trained else None})
-        exports = [("onnx", p) for p in ONNX] + [("gguf", q) for q in GGUF]
-        for fmt, prec in exports:
+        exports = [("onnx", p, None) for p in ONNX] + [("gguf", q, e) for q, e in GGUF]
+        for fmt, quant, emb in exports:
+            prec = quant + (f"+emb_{emb}" if emb else "")
             out = work / name / (f"onnx-{prec}" if fmt == "onnx" else f"{prec}.gguf")
             t = time.perf_counter()
             try:
@@ -145,7 +147,7 @@ def main() -> None:
                                       **({"eval_records": load_dataset_file(data["test"]).records} if trained else {}))
                     size = res.size_bytes
                 else:
-                    res = export_gguf(str(src), out, quant=prec, force=True, measure=trained,
+                    res = export_gguf(str(src), out, quant=quant, token_embedding_type=emb, force=True, measure=trained,
                                       eval_file=data["test"] if trained else None, eval_limit=args.eval_limit)
                     size = res.bytes
             except Exception as exc:  # a failed export is a row, not a crash
@@ -169,14 +171,15 @@ def main() -> None:
             log(f"  {fmt} {prec}: {size / 1e6:.1f} MB ({size / fp16:.2f}x fp16), "
                 f"{row['decode_tok_s'] or 0:,.0f} tok/s" + (f", retention {row.get('exact_match_retention')}"
                                                              if trained else ""))
-        if name != "demo-teacher":
-            shutil.rmtree(work / name, ignore_errors=True)  # GBs of random weights: not worth keeping
+        if name != "demo-teacher":  # GBs of random weights: not worth keeping
+            shutil.rmtree(work / name, ignore_errors=True)
+            shutil.rmtree(work / "sources", ignore_errors=True)
 
     def row(model, fmt, prec):
         return next((r for r in rows if (r["model"], r["format"], r["precision"]) == (model, fmt, prec)), {})
 
     checks = {}
-    for fmt, prec in (("onnx", "int4"), ("gguf", "q4_k_m")):
+    for fmt, prec in (("onnx", "int4"), ("gguf", "q4_k_m"), ("gguf", "q4_k_m+emb_q4_k")):
         r = row("demo-teacher", fmt, prec)
         if r:
             checks[f"{fmt} {prec}: >=70% smaller than fp16"] = (r.get("size_reduction_vs_fp16") or 0) >= 0.70

@@ -12,7 +12,7 @@ from slmops.workspace import Workspace
 def test_quickstart_writes_report_and_registers_lineage(tmp_path, capsys):
     workdir = tmp_path / "qs"
     assert run(["quickstart", "--workdir", str(workdir), "--limit", "24", "--distill-steps", "0",
-                "--finetune-steps", "0"]) == 0
+                "--finetune-steps", "0", "--no-export"]) == 0
     out = capsys.readouterr().out
     assert "exact match" in out and "report.md" in out
     report = (workdir / "report.md").read_text()
@@ -29,7 +29,7 @@ def test_quickstart_writes_report_and_registers_lineage(tmp_path, capsys):
     assert ws.registry.metrics(ev)["n"] == 24
     # a second run reuses the dataset and teacher and adds one eval
     assert run(["quickstart", "--workdir", str(workdir), "--limit", "24", "--distill-steps", "0",
-                "--finetune-steps", "0"]) == 0
+                "--finetune-steps", "0", "--no-export"]) == 0
     kinds = sorted(r["kind"] for r in ws.registry.list())
     assert kinds == ["dataset", "eval", "eval", "model"]
     assert run(["-w", str(workdir / ".slmops"), "registry", "verify"]) == 0
@@ -55,6 +55,11 @@ def test_quickstart_distills_a_smaller_student_and_fine_tunes_it(tmp_path, capsy
     assert set(ws.registry.parents(adapter["id"])) == {students[0]["id"], gifts}
     assert "exact_match_new_task" in ws.registry.metrics(adapter["id"])
     assert "LoRA adapter" in out
+    # the export stage: ONNX int4 and (with llama-cpp-python) GGUF q4_k_m of the merged model, with parity
+    assert "## Export: ONNX int4 and GGUF q4_k_m" in report and "### ONNX int4" in report
+    exports = ws.registry.list("export")
+    assert exports and all(adapter["id"] in ws.registry.parents(e["id"]) for e in exports)
+    assert "smaller than fp16" in out
     metrics = ws.registry.metrics(students[0]["id"])
     assert metrics["param_ratio"] <= 0.25  # the demo student is at most a quarter of the teacher
     assert teacher.id in ws.registry.lineage(students[0]["id"])["ancestors"]

@@ -33,6 +33,7 @@ class QuickstartResult:
     comparison: dict | None = None
     adapter_id: str | None = None
     finetune: dict | None = None
+    exports: dict | None = None
 
     def summary(self) -> str:
         s, lat = self.scores, self.latency
@@ -41,7 +42,18 @@ class QuickstartResult:
             f"exact match {s['exact_match']:.1%}, JSON valid {s['json_valid']:.1%}, "
             f"field accuracy {s.get('field_accuracy', 0):.1%}; "
             f"median latency {lat['median_latency_s'] * 1000:.0f} ms, decode {lat['median_decode_tok_s']:.0f} tok/s"
-        ) + self._student_line() + self._finetune_line()
+        ) + self._student_line() + self._finetune_line() + self._export_line()
+
+    def _export_line(self) -> str:
+        parts = []
+        for name, e in (self.exports or {}).items():
+            if "error" in e:
+                parts.append(f"{name}: {e['error']}")
+            elif e.get("size_ratio_vs_fp16") is not None:
+                ret = e.get("exact_match_retention")
+                parts.append(f"{name} {1 - e['size_ratio_vs_fp16']:.0%} smaller than fp16"
+                             + (f", {ret:.1%} of the exact match kept" if ret is not None else ""))
+        return ("\nexports: " + "; ".join(parts)) if parts else ""
 
     def _finetune_line(self) -> str:
         if not self.finetune:
@@ -105,10 +117,11 @@ def register_demo_data(ws: Workspace, data_dir: Path, seed: int) -> str:
 def run_quickstart(workdir: str | Path, workspace: str | Path | None = None, seed: int = 0,
                    limit: int | None = None, progress: Callable | None = None, distill_steps: int = 1200,
                    prompts: int | None = None, log: Callable[[str], None] = lambda _m: None,
-                   finetune_steps: int = 300) -> QuickstartResult:
+                   finetune_steps: int = 300, export: bool = True) -> QuickstartResult:
     """Run the quickstart in `workdir`. `limit` evaluates on the first N test examples only; `prompts`
     labels only the first N unlabeled prompts; `distill_steps=0` skips distillation; `finetune_steps=0`
-    skips the LoRA fine-tune (of the student, or of the teacher without one)."""
+    skips the LoRA fine-tune (of the student, or of the teacher without one); `export=False` skips exporting
+    the fine-tuned model to ONNX int4 and GGUF q4_k_m."""
     from slmops.data import load_dataset_file
     from slmops.engines import open_engine
     from slmops.evaluate import evaluate_engine, measure_latency
@@ -163,10 +176,67 @@ def run_quickstart(workdir: str | Path, workspace: str | Path | None = None, see
                                                   limit, progress, log)
         timings["finetune_s"] = time.perf_counter() - t
         text += section
+    exports = None
+    if export:
+        t = time.perf_counter()
+        model_id = student_id or teacher_id
+        exports, section = _export(ws, workdir, model_id, adapter_id, finetune, limit, log)
+        timings["export_s"] = time.perf_counter() - t
+        text += section
     report = workdir / "report.md"
     report.write_text(text, encoding="utf-8")
     return QuickstartResult(workdir, report, teacher_id, dataset_id, eval_id, metrics, latency, timings,
-                            student_id, comparison, adapter_id, finetune)
+                            student_id, comparison, adapter_id, finetune, exports)
+
+
+def _export(ws: Workspace, workdir: Path, model_id: str, adapter_id: str | None, finetune: dict | None,
+            limit: int | None, log) -> tuple[dict, str]:
+    """Export the (fine-tuned) model to ONNX int4 and GGUF q4_k_m, with the adapter merged, each measured
+    against the torch model (size vs fp16, perplexity, KL, top-1 agreement, exact match)."""
+    from slmops.data import load_dataset_file
+    from slmops.export.parity import parity_table
+
+    if finetune is not None:
+        test = ws.resolve(finetune["data"]) / "test.jsonl"  # the new intents: what the adapter added
+    else:
+        test = next(ws.resolve(r["id"]) for r in ws.registry.list("dataset")) / "test.jsonl"
+    records = load_dataset_file(test).records[: limit or 100]
+    what = f"`{model_id}`" + (f" with adapter `{adapter_id}` merged" if adapter_id else "")
+    section = f"\n## Export: ONNX int4 and GGUF q4_k_m\n\nThe model {what}, measured against it on {len(records)} " \
+              f"examples of `{test.parent.name}/{test.name}`.\n"
+    out: dict = {}
+    try:
+        from slmops.export.onnx import export_onnx
+
+        log("exporting to ONNX int4 (onnxruntime-genai builder)")
+        res = export_onnx(model_id, workdir / "export" / "onnx-int4", precision="int4", int4_block_size=128,
+                          adapter=adapter_id, adapter_mode="merge", force=True, workspace=ws, eval_records=records)
+        out["onnx-int4"] = {"artifact_id": res.artifact_id, "path": res.out_dir, **(res.parity.to_dict() if res.parity else {})}
+        section += f"\n### ONNX int4 (`{res.artifact_id}`, {res.out_dir})\n\n" + parity_table(res.parity) + "\n"
+    except Exception as exc:  # an optional stage: its failure is reported, not fatal
+        out["onnx-int4"] = {"error": f"{type(exc).__name__}: {exc}"}
+        section += f"\nONNX int4 export failed: {exc}\n"
+    try:
+        from slmops.export.gguf import export_gguf
+        from slmops.export.llamacpp import llama_cpp_available
+
+        if not llama_cpp_available():
+            raise RuntimeError("llama-cpp-python is not installed (`make llama-cpp` builds it)")
+        log("exporting to GGUF q4_k_m (llama.cpp converter and quantizer)")
+        eval_file = workdir / "export" / "eval.jsonl"
+        eval_file.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records))
+        adapter = str(ws.resolve(adapter_id)) if adapter_id else None
+        res = export_gguf(model_id, workdir / "export" / "model-q4_k_m.gguf", quant="q4_k_m", adapter=adapter,
+                          adapter_mode="merge", force=True, workspace=ws, eval_file=eval_file,
+                          eval_limit=len(records))
+        out["gguf-q4_k_m"] = {"artifact_id": res.artifact_id, "path": res.out,
+                              **(res.parity.to_dict() if res.parity else {})}
+        section += f"\n### GGUF q4_k_m (`{res.artifact_id}`, {res.out}; Ollama Modelfile beside it)\n\n" \
+                   + parity_table(res.parity) + "\n"
+    except Exception as exc:
+        out["gguf-q4_k_m"] = {"error": f"{type(exc).__name__}: {exc}"}
+        section += f"\nGGUF q4_k_m export skipped: {exc}\n"
+    return out, section
 
 
 def _finetune(ws: Workspace, workdir: Path, model_id: str, role: str, seed: int, steps: int, limit: int | None,

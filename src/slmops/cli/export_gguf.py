@@ -29,6 +29,7 @@ def gguf(
     pre_tokenizer: Annotated[str | None, typer.Option(help="Force llama.cpp's pre-tokenizer name (e.g. gpt-2, llama-bpe, qwen2) for a tokenizer the converter does not recognise.")] = None,
     name: Annotated[str | None, typer.Option(help="Artifact name (default: OUT's stem).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for quantizing and parity (default: all cores).")] = None,
+    token_embedding_type: Annotated[str | None, typer.Option(help="Type for the token embeddings instead of the mix's (llama-quantize --token-embedding-type), e.g. q4_k: q4_k_m keeps them at q6_k, a large share of a small model.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files (atomically: the old file stays whole until the new one is complete).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -61,6 +62,7 @@ def gguf(
                           max_new_tokens=max_new_tokens,
                           measure=not no_parity, max_ppl_increase=max_ppl_increase,
                           min_task_retention=min_task_retention, pre_tokenizer=pre_tokenizer, threads=threads,
+                          token_embedding_type=token_embedding_type,
                           progress=common.info)
     except GateFailedError as e:
         from slmops.cli.export import _gate_failed

@@ -489,6 +489,7 @@ def export_gguf(
     modelfile: bool = True,
     pre_tokenizer: str | None = None,
     pad_ffn: bool = True,
+    token_embedding_type: str | None = None,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
@@ -504,7 +505,8 @@ def export_gguf(
     `max_ppl_increase` / `min_task_retention`: quality gates; failing one raises ``GateFailedError`` (exit 3)
     and writes nothing. `pre_tokenizer` forces llama.cpp's pre-tokenizer name. `pad_ffn`: when the MLP width
     is not a multiple of the quantization block (llama.cpp would keep those tensors in f16), zero-pad it
-    first (exact: the outputs do not change). `force` replaces existing outputs (atomically). With a
+    first (exact: the outputs do not change). `token_embedding_type`: the token embeddings' type instead of
+    the mix's (llama-quantize ``--token-embedding-type``, e.g. q4_k). `force` replaces existing outputs (atomically). With a
     `workspace` the export is registered as an ``export`` artifact (`name`, default the output file's stem).
     """
     from slmops.export.llamacpp import find_converter_dir, require_llama_cpp, run_converter_tool
@@ -519,6 +521,14 @@ def export_gguf(
     if imatrix_file is not None and quant_block_size(plan.quant) == 1:
         raise BadInputError(f"an importance matrix guides quantization; {plan.quant} is not quantized",
                             "leave out --imatrix, or choose a quantized type such as q4_k_m")
+    if token_embedding_type is not None:
+        emb = token_embedding_type.lower()
+        block = 256 if emb.endswith("_k") else 32 if emb.startswith("q") else 1
+        hidden = json.loads((plan.model_dir / "config.json").read_text()).get("hidden_size")
+        if isinstance(hidden, int) and hidden % block:
+            raise BadInputError(f"token embeddings of width {hidden} cannot be stored as {emb} (its blocks are "
+                                f"{block} wide)", "choose a type with 32-wide blocks (q4_0, q5_0, q8_0) or leave "
+                                "--token-embedding-type out")
     if not measure and (max_ppl_increase is not None or min_task_retention is not None):
         raise BadInputError("quality gates need the parity measurement", "leave parity on to use gates")
     if min_task_retention is not None and eval_file is None:
@@ -546,6 +556,7 @@ def export_gguf(
                        eval_file=eval_file, texts=texts, measure=measure, max_ppl_increase=max_ppl_increase,
                        min_task_retention=min_task_retention, max_new_tokens=max_new_tokens,
                        eval_limit=eval_limit, pre_args=pre_args, pad_ffn=pad_ffn, threads=threads, say=say,
+                       token_embedding_type=token_embedding_type,
                        t_start=t_start)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -559,7 +570,7 @@ def _converter_info(llama_dir: Path) -> dict[str, Any]:
 
 def _export(plan: _Plan, work: Path, llama_dir: Path, details: dict[str, Any], *, workspace, name, imatrix_file,
             eval_file, texts, measure, max_ppl_increase, min_task_retention, max_new_tokens, eval_limit,
-            pre_args, pad_ffn, threads, say, t_start) -> ExportResult:
+            pre_args, pad_ffn, threads, say, t_start, token_embedding_type=None) -> ExportResult:
     from slmops.export.llamacpp import (
         FLOAT_TYPES,
         compute_imatrix,
@@ -610,9 +621,12 @@ def _export(plan: _Plan, work: Path, llama_dir: Path, details: dict[str, Any], *
             timings["imatrix_s"] = time.perf_counter() - t0
         say(f"quantizing to {plan.quant} (llama.cpp llama_model_quantize)")
         final = work / f"model-{plan.quant}.gguf"
-        rep = quantize(converted, final, plan.quant, imatrix=imatrix, threads=threads)
+        rep = quantize(converted, final, plan.quant, imatrix=imatrix, threads=threads,
+                       token_embedding_type=token_embedding_type)
         timings["quantize_s"] = rep.seconds
         details["quantize_fallbacks"] = rep.fallbacks
+        if token_embedding_type:
+            details["token_embedding_type"] = token_embedding_type
         converted.unlink()
 
     # adapter as a GGUF LoRA

@@ -356,9 +356,18 @@ class QuantizeReport:
     imatrix_entries: int = 0
 
 
+# tensor types for llama-quantize's --token-embedding-type / --output-tensor-type (ggml_type values)
+TENSOR_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
+                                "q2_k": 10, "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14, "bf16": 30}
+
+
 def quantize(src: Path, dst: Path, quant: str, *, imatrix: dict[str, Any] | None = None,
-             threads: int | None = None) -> QuantizeReport:
+             threads: int | None = None, token_embedding_type: str | None = None) -> QuantizeReport:
     """Quantize the GGUF `src` into `dst` with llama.cpp's quantizer (``llama_model_quantize``).
+
+    `token_embedding_type` overrides the mix's type for the token embeddings (llama-quantize's
+    ``--token-embedding-type``; e.g. ``q4_k``: the q4_k_m mix keeps them at q6_k, which is a large share of
+    a small model with a big vocabulary).
 
     `imatrix`: GGUF tensor name -> 1-D float array (mean squared input activation per input column), as
     :func:`compute_imatrix` returns. Raises ``SlmopsError`` with llama.cpp's own message on failure."""
@@ -374,6 +383,11 @@ def quantize(src: Path, dst: Path, quant: str, *, imatrix: dict[str, Any] | None
         raise BadInputError(f"{q} needs an importance matrix", "pass a calibration text file (--imatrix CALIB.txt)")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[q]
+    if token_embedding_type is not None:
+        if token_embedding_type.lower() not in TENSOR_TYPES:
+            raise BadInputError(f"unknown tensor type {token_embedding_type!r}",
+                                f"use one of {', '.join(TENSOR_TYPES)}")
+        params.token_embedding_type = TENSOR_TYPES[token_embedding_type.lower()]
     params.nthread = threads or os.cpu_count() or 1
     keep: list[Any] = []  # ctypes buffers must outlive the call
     n_entries = 0
