@@ -26,6 +26,8 @@ err_console = Console(stderr=True, soft_wrap=True)
 def configure_logging() -> None:
     level = logging.DEBUG if STATE.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns on import about an optional faster CPU kernel package; everything works without it
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.DEBUG if STATE.verbose else logging.ERROR)
     if not STATE.verbose:
         import os
         import warnings
