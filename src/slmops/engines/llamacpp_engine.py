@@ -45,8 +45,8 @@ from slmops.engines.base import (
     Logprobs,
     TokenEvent,
     find_stop,
-    stop_holdback,
 )
+from slmops.engines.decoding import log_softmax, pick_token, row_result, stream_events
 from slmops.errors import BadInputError, SlmopsError
 
 DEFAULT_MAX_CTX = 4096
@@ -83,13 +83,6 @@ def _int(v) -> int | None:
     except (TypeError, ValueError):
         return None
 
-
-def _log_softmax(x):
-    import numpy as np
-
-    x = x.astype(np.float64, copy=False)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
 class LlamaCppEngine:
@@ -338,25 +331,13 @@ class LlamaCppEngine:
             t0 = time.perf_counter()
             for _ in self._steps(row, name):
                 pass
-            results.append(self._result(row, t0))
+            results.append(row_result(row, t0))
         return results
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
         adapter = self._resolve_adapter(request.adapter)
         row = self._row(request)
-        for _ in self._steps(row, adapter):
-            safe = len(row.text) if row.finish_reason else len(row.text) - stop_holdback(row.text, request.stop)
-            if row.text.endswith("\ufffd") and not row.finish_reason:
-                safe = min(safe, len(row.text) - 1)
-            delta = row.text[row.emitted:safe] if safe > row.emitted else ""
-            row.emitted = max(row.emitted, safe)
-            yield TokenEvent(
-                token_id=row.ids[-1] if row.ids else None, text=delta,
-                logprob=row.logprobs[-1] if row.logprobs else None, finish_reason=row.finish_reason,
-                prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
-            )
-            if row.finish_reason:
-                return
+        yield from stream_events(row, self._steps(row, adapter))
 
     def logprobs(self, texts: list[str], adapter: str | None = None) -> list[Logprobs]:
         """log p(token_i | tokens<i) for each text (no BOS added), under `adapter`."""
@@ -369,7 +350,7 @@ class LlamaCppEngine:
             vals: list[float | None] = [None]
             if len(ids) > 1:
                 for start, logits in self._score(ids, name):
-                    lp = _log_softmax(logits)
+                    lp = log_softmax(logits)
                     nxt = ids[start + 1: start + 1 + len(logits)]
                     vals.extend(float(x) for x in lp[np.arange(len(nxt)), nxt])
             out.append(Logprobs(token_ids=ids, tokens=[self.token_text(i) for i in ids], logprobs=vals[: len(ids)]))
@@ -386,7 +367,7 @@ class LlamaCppEngine:
             if not ids:
                 out.append(np.zeros((0, self.n_vocab), dtype=np.float32))
                 continue
-            parts = [_log_softmax(logits).astype(np.float32) for _, logits in self._score(ids, name)]
+            parts = [log_softmax(logits).astype(np.float32) for _, logits in self._score(ids, name)]
             out.append(np.concatenate(parts, axis=0))
         return out
 
@@ -489,39 +470,6 @@ class LlamaCppEngine:
             rng = np.random.default_rng(request.seed)
         return _Row(request=request, prompt_ids=ids, rng=rng)
 
-    def _result(self, row: _Row, t0: float) -> GenerationResult:
-        return GenerationResult(
-            text=row.text, token_ids=list(row.ids), finish_reason=row.finish_reason or "length",
-            prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
-            ttft_s=(row.t_first or t0) - t0, latency_s=(row.t_last or t0) - t0,
-        )
-
-    def _pick(self, row: _Row, logits) -> tuple[int, float]:
-        import numpy as np
-
-        logp = _log_softmax(logits)
-        req = row.request
-        if req.temperature == 0:
-            tok = int(np.argmax(logits))
-            return tok, float(logp[tok])
-        scores = logits.astype(np.float64) / req.temperature
-        if req.top_k and req.top_k > 0 and req.top_k < scores.size:
-            kth = np.partition(scores, -req.top_k)[-req.top_k]
-            scores = np.where(scores < kth, -np.inf, scores)
-        if req.top_p < 1.0:
-            order = np.argsort(-scores, kind="stable")
-            sorted_scores = scores[order]
-            p = np.exp(sorted_scores - sorted_scores[0])
-            p /= p.sum()
-            drop = np.cumsum(p) - p >= req.top_p  # keep the token that crosses top_p
-            sorted_scores = np.where(drop, -np.inf, sorted_scores)
-            scores = np.empty_like(scores)
-            scores[order] = sorted_scores
-        probs = np.exp(scores - scores.max())
-        probs /= probs.sum()
-        tok = int(row.rng.choice(probs.size, p=probs))
-        return tok, float(logp[tok])
-
     def _advance(self, row: _Row, tok: int, lp: float, now: float) -> None:
         row.t_first = row.t_first or now
         row.t_last = now
@@ -544,7 +492,7 @@ class LlamaCppEngine:
         """Decode `row` to completion, yielding after every token."""
         while not row.finish_reason:
             logits = self._eval(row, row.prompt_ids + row.ids, adapter)
-            tok, lp = self._pick(row, logits)
+            tok, lp = pick_token(row.request, logits, row.rng)
             self._advance(row, tok, lp, time.perf_counter())
             yield
 

@@ -37,8 +37,8 @@ from slmops.engines.base import (
     Logprobs,
     TokenEvent,
     find_stop,
-    stop_holdback,
 )
+from slmops.engines.decoding import group_by_adapter, log_softmax, pick_token, row_result, stream_events
 from slmops.errors import BadInputError
 
 _FROM_EXPORT = object()  # default_adapter: whatever export.json names
@@ -73,13 +73,6 @@ def _token_text(value) -> str:
         return str(value.get("content") or "")
     return str(value or "")
 
-
-def _log_softmax(x):
-    import numpy as np
-
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
 class OrtGenAIEngine:
@@ -270,11 +263,8 @@ class OrtGenAIEngine:
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         adapters = [self._resolve_adapter(r.adapter) for r in requests]
         rows = [self._row(r) for r in requests]
-        groups: dict[str | None, list[int]] = {}
-        for i, name in enumerate(adapters):
-            groups.setdefault(name, []).append(i)
         results: list[GenerationResult | None] = [None] * len(rows)
-        for name, members in groups.items():
+        for name, members in group_by_adapter(adapters).items():
             order = sorted(members, key=lambda i: len(rows[i].prompt_ids))
             for start in range(0, len(order), self.max_batch_size):
                 chunk = order[start:start + self.max_batch_size]
@@ -282,25 +272,13 @@ class OrtGenAIEngine:
                 for _ in self._steps([rows[i] for i in chunk], name):
                     pass
                 for i in chunk:
-                    results[i] = self._result(rows[i], t0)
+                    results[i] = row_result(rows[i], t0)
         return results  # type: ignore[return-value]
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
         adapter = self._resolve_adapter(request.adapter)
         row = self._row(request)
-        for _ in self._steps([row], adapter):
-            safe = len(row.text) if row.finish_reason else len(row.text) - stop_holdback(row.text, request.stop)
-            if row.text.endswith("\ufffd") and not row.finish_reason:
-                safe = min(safe, len(row.text) - 1)
-            delta = row.text[row.emitted:safe] if safe > row.emitted else ""
-            row.emitted = max(row.emitted, safe)
-            yield TokenEvent(
-                token_id=row.ids[-1] if row.ids else None, text=delta,
-                logprob=row.logprobs[-1] if row.logprobs else None, finish_reason=row.finish_reason,
-                prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
-            )
-            if row.finish_reason:
-                return
+        yield from stream_events(row, self._steps([row], adapter))
 
     def logprobs(self, texts: list[str], adapter: str | None = None) -> list[Logprobs]:
         """log p(token_i | tokens<i) for each text (no special tokens added), under `adapter`."""
@@ -324,7 +302,7 @@ class OrtGenAIEngine:
                 out.append(np.zeros((0, self.vocab_size or 0), dtype=np.float32))
                 continue
             logits = self._forward_all(ids, name)
-            out.append(_log_softmax(logits).astype(np.float32))
+            out.append(log_softmax(logits).astype(np.float32))
         return out
 
     def close(self) -> None:
@@ -346,39 +324,6 @@ class OrtGenAIEngine:
                                 "shorten the prompt")
         rng = np.random.default_rng(request.seed) if request.temperature > 0 else None
         return _Row(request=request, prompt_ids=ids, rng=rng)
-
-    def _result(self, row: _Row, t0: float) -> GenerationResult:
-        return GenerationResult(
-            text=row.text, token_ids=list(row.ids), finish_reason=row.finish_reason or "length",
-            prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
-            ttft_s=(row.t_first or t0) - t0, latency_s=(row.t_last or t0) - t0,
-        )
-
-    def _pick(self, row: _Row, logits) -> tuple[int, float]:
-        import numpy as np
-
-        logp = _log_softmax(logits)
-        req = row.request
-        if req.temperature == 0:
-            tok = int(np.argmax(logits))
-            return tok, float(logp[tok])
-        scores = logits.astype(np.float64) / req.temperature
-        if req.top_k and req.top_k > 0 and req.top_k < scores.size:
-            kth = np.partition(scores, -req.top_k)[-req.top_k]
-            scores = np.where(scores < kth, -np.inf, scores)
-        if req.top_p < 1.0:
-            order = np.argsort(-scores, kind="stable")
-            sorted_scores = scores[order]
-            probs = np.exp(sorted_scores - sorted_scores[0])
-            probs /= probs.sum()
-            drop = (np.cumsum(probs) - probs) >= req.top_p  # keep the token that crosses top_p
-            sorted_scores = np.where(drop, -np.inf, sorted_scores)
-            scores = np.empty_like(scores)
-            scores[order] = sorted_scores
-        probs = np.exp(scores - scores.max())
-        probs /= probs.sum()
-        tok = int(row.rng.choice(probs.size, p=probs))
-        return tok, float(logp[tok])
 
     def _advance(self, row: _Row, tok: int, lp: float, now: float) -> None:
         row.t_first = row.t_first or now
@@ -425,7 +370,7 @@ class OrtGenAIEngine:
                 if r.finish_reason:
                     chosen.append(self.pad_id)
                     continue
-                tok, lp = self._pick(r, logits[i])
+                tok, lp = pick_token(r.request, logits[i], r.rng)
                 self._advance(r, tok, lp, now)
                 chosen.append(tok)
             if length + 1 >= max_length:  # the context is full: nothing more fits

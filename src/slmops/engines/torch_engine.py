@@ -29,8 +29,8 @@ from slmops.engines.base import (
     Logprobs,
     TokenEvent,
     find_stop,
-    stop_holdback,
 )
+from slmops.engines.decoding import group_by_adapter, row_result, stream_events
 from slmops.errors import BadInputError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -231,11 +231,8 @@ class TorchEngine:
         length)."""
         adapters = [self._resolve_adapter(r.adapter) for r in requests]  # unknown names fail before any work
         rows = [self._row(r) for r in requests]
-        groups: dict[str | None, list[int]] = {}
-        for i, name in enumerate(adapters):
-            groups.setdefault(name, []).append(i)
         results: list[GenerationResult | None] = [None] * len(rows)
-        for name, members in groups.items():
+        for name, members in group_by_adapter(adapters).items():
             order = sorted(members, key=lambda i: len(rows[i].prompt_ids))
             for start in range(0, len(order), self.max_batch_size):
                 chunk = order[start:start + self.max_batch_size]
@@ -243,25 +240,13 @@ class TorchEngine:
                 for _ in self._steps([rows[i] for i in chunk], name):
                     pass
                 for i in chunk:
-                    results[i] = self._result(rows[i], t0)
+                    results[i] = row_result(rows[i], t0)
         return results  # type: ignore[return-value]
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
         adapter = self._resolve_adapter(request.adapter)
         row = self._row(request)
-        for _ in self._steps([row], adapter):
-            safe = len(row.text) if row.finish_reason else len(row.text) - stop_holdback(row.text, request.stop)
-            if row.text.endswith("\ufffd") and not row.finish_reason:
-                safe = min(safe, len(row.text) - 1)
-            delta = row.text[row.emitted:safe] if safe > row.emitted else ""
-            row.emitted = max(row.emitted, safe)
-            yield TokenEvent(
-                token_id=row.ids[-1] if row.ids else None, text=delta,
-                logprob=row.logprobs[-1] if row.logprobs else None, finish_reason=row.finish_reason,
-                prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
-            )
-            if row.finish_reason:
-                return
+        yield from stream_events(row, self._steps([row], adapter))
 
     def logprobs(self, texts: list[str], batch_size: int = 8, adapter: str | None = None) -> list[Logprobs]:
         """log p(token_i | tokens<i) for each text (no special tokens added), under `adapter` (the same
@@ -327,13 +312,6 @@ class TorchEngine:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(request.seed if request.seed is not None else int(torch.seed() % (2**63)))
         return _Row(request=request, prompt_ids=ids, generator=gen)
-
-    def _result(self, row: _Row, t0: float) -> GenerationResult:
-        return GenerationResult(
-            text=row.text, token_ids=list(row.ids), finish_reason=row.finish_reason or "length",
-            prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
-            ttft_s=(row.t_first or t0) - t0, latency_s=(row.t_last or t0) - t0,
-        )
 
     def _pick(self, row: _Row, logits) -> tuple[int, float]:
         import torch

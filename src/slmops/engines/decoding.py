@@ -1,0 +1,88 @@
+"""Pieces of the decode loop that every local engine (torch, ort-genai, llama.cpp) shares: turning a row's
+progress into streamed events and a result, and numpy log-softmax / sampling for the engines whose runtime
+hands back numpy logits. A "row" is an engine's per-request state with ``request``, ``prompt_ids``, ``ids``,
+``logprobs``, ``text``, ``emitted``, ``finish_reason``, ``t_first``, ``t_last`` (and ``rng`` for sampling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from slmops.engines.base import GenerationRequest, GenerationResult, TokenEvent, stop_holdback
+
+
+def row_result(row: Any, t0: float) -> GenerationResult:
+    """The finished row as a GenerationResult; times relative to `t0` (when its batch started)."""
+    return GenerationResult(
+        text=row.text, token_ids=list(row.ids), finish_reason=row.finish_reason or "length",
+        prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
+        ttft_s=(row.t_first or t0) - t0, latency_s=(row.t_last or t0) - t0,
+    )
+
+
+def stream_events(row: Any, steps: Iterable[None]) -> Iterator[TokenEvent]:
+    """One TokenEvent per decode step of `steps` (which advances `row`): the text that can no longer be cut
+    by a stop string (nor end inside a multi-byte character) is emitted once."""
+    stops = row.request.stop
+    for _ in steps:
+        safe = len(row.text) if row.finish_reason else len(row.text) - stop_holdback(row.text, stops)
+        if row.text.endswith("\ufffd") and not row.finish_reason:
+            safe = min(safe, len(row.text) - 1)
+        delta = row.text[row.emitted:safe] if safe > row.emitted else ""
+        row.emitted = max(row.emitted, safe)
+        yield TokenEvent(
+            token_id=row.ids[-1] if row.ids else None, text=delta,
+            logprob=row.logprobs[-1] if row.logprobs else None, finish_reason=row.finish_reason,
+            prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
+        )
+        if row.finish_reason:
+            return
+
+
+def group_by_adapter(adapters: list[str | None]) -> dict[str | None, list[int]]:
+    """Request indices grouped by resolved adapter name, in first-seen order."""
+    groups: dict[str | None, list[int]] = {}
+    for i, name in enumerate(adapters):
+        groups.setdefault(name, []).append(i)
+    return groups
+
+
+def log_softmax(x):
+    """Log-softmax over the last axis of a numpy array, in float64."""
+    import numpy as np
+
+    x = x.astype(np.float64, copy=False)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def pick_token(request: GenerationRequest, logits, rng) -> tuple[int, float]:
+    """(token, its log-probability) from numpy `logits`: greedy at temperature 0, else temperature, top-k and
+    top-p sampling with the row's numpy Generator `rng` (reproducible per request seed)."""
+    import numpy as np
+
+    logp = log_softmax(logits)
+    if request.temperature == 0:
+        tok = int(np.argmax(logits))
+        return tok, float(logp[tok])
+    scores = logits.astype(np.float64) / request.temperature
+    if request.top_k and request.top_k > 0 and request.top_k < scores.size:
+        kth = np.partition(scores, -request.top_k)[-request.top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if request.top_p < 1.0:
+        order = np.argsort(-scores, kind="stable")
+        sorted_scores = scores[order]
+        p = np.exp(sorted_scores - sorted_scores[0])
+        p /= p.sum()
+        drop = np.cumsum(p) - p >= request.top_p  # keep the token that crosses top_p
+        sorted_scores = np.where(drop, -np.inf, sorted_scores)
+        scores = np.empty_like(scores)
+        scores[order] = sorted_scores
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    tok = int(rng.choice(probs.size, p=probs))
+    return tok, float(logp[tok])
+
+
+__all__ = ["group_by_adapter", "log_softmax", "pick_token", "row_result", "stream_events"]
