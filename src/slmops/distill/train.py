@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -47,7 +46,9 @@ from slmops.training.common import (  # noqa: F401 - re-exported: distillation's
     backend,
     encode_chat,
     link_or_copy,
+    prepare_checkpoints,
     progress_callbacks,
+    register_folder,
     resolve_data_files,
     resolve_ref,
     tokenize_rows,
@@ -244,22 +245,9 @@ def kd_trainer_class():
 
 
 def _register(workspace, out: Path, config: StudentTrainConfig, parents: list[str], report: TrainReport) -> str:
-    """Register the model folder `out` (without checkpoints) as a `model` artifact; returns its id.
-
-    The files are hard-linked into the artifact when the filesystem allows (no second copy of the weights),
-    else copied; `_unshare_files` keeps a later run in the same `out` from writing through the links."""
-    name = config.name or out.name
+    """Register the model folder `out` (without checkpoints) as a `model` artifact; returns its id."""
     metrics = {k: v for k, v in report.to_dict().items() if k not in ("loss_history", "compat", "out_dir")}
-    with workspace.create_artifact("model", name, config=config.model_dump(), parents=parents,
-                                   metrics=metrics) as w:
-        for p in out.iterdir():
-            if p.name in (CHECKPOINTS_DIR, "slmops.json"):
-                continue
-            if p.is_dir():
-                shutil.copytree(p, w.path / p.name, copy_function=link_or_copy)
-            else:
-                link_or_copy(p, w.path / p.name)
-        return w.id
+    return register_folder(workspace, "model", config.name or out.name, out, config.model_dump(), parents, metrics)
 
 
 def train_student(config: StudentTrainConfig | dict, out_dir: str | Path, *, workspace=None,
@@ -401,18 +389,7 @@ def _train_student(config: StudentTrainConfig | dict, out_dir: str | Path, *, wo
                             f"(every {eval_steps} steps)", "set save_every to a multiple of eval_every")
 
     ckpt_dir = out / CHECKPOINTS_DIR
-    resume_from = None
-    if cfg.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        if resume_from is None:
-            log.warning("resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-    elif ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*")) and rank == 0:
-        # a fresh run must not leave another run's checkpoints for a later --resume to pick up
-        log.warning("starting from scratch: removing the previous run's checkpoints in %s", ckpt_dir)
-        for old in ckpt_dir.glob("checkpoint-*"):
-            shutil.rmtree(old, ignore_errors=True)
+    resume_from = prepare_checkpoints(ckpt_dir, cfg.resume, rank, log)
 
     # 4. models (weights load only now)
     from transformers import EarlyStoppingCallback, TrainingArguments

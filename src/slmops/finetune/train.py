@@ -24,7 +24,6 @@ import importlib
 import importlib.util
 import logging
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -39,9 +38,10 @@ from slmops.training.common import (
     ChatCollator,
     ProgressFn,
     backend,
-    link_or_copy,
     pack_rows,
+    prepare_checkpoints,
     progress_callbacks,
+    register_folder,
     resolve_data_files,
     resolve_ref,
     tokenize_rows,
@@ -185,18 +185,9 @@ def _load_base(cfg: FinetuneConfig, model_ref: str):
 
 
 def _register(workspace, out: Path, cfg: FinetuneConfig, parents: list[str], report: FinetuneReport) -> str:
-    kind = "adapter" if cfg.uses_adapter else "model"
     metrics = {k: v for k, v in report.to_dict().items() if k not in ("loss_history", "out_dir")}
-    with workspace.create_artifact(kind, cfg.name or out.name, config=cfg.model_dump(), parents=parents,
-                                   metrics=metrics) as w:
-        for p in out.iterdir():
-            if p.name in (CHECKPOINTS_DIR, "slmops.json"):
-                continue
-            if p.is_dir():
-                shutil.copytree(p, w.path / p.name, copy_function=link_or_copy)
-            else:
-                link_or_copy(p, w.path / p.name)
-        return w.id
+    return register_folder(workspace, "adapter" if cfg.uses_adapter else "model", cfg.name or out.name, out,
+                           cfg.model_dump(), parents, metrics)
 
 
 def _save(model, tokenizer, out: Path, cfg: FinetuneConfig, base_ref: str) -> None:
@@ -318,17 +309,7 @@ def _run(config: FinetuneConfig | dict, out_dir: str | Path, *, workspace, progr
                             "set save_every to a multiple of eval_every, or keep_best: false")
 
     ckpt_dir = out / CHECKPOINTS_DIR
-    resume_from = None
-    if cfg.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        if resume_from is None:
-            log.warning("resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-    elif ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*")) and rank == 0:
-        log.warning("starting from scratch: removing the previous run's checkpoints in %s", ckpt_dir)
-        for old in ckpt_dir.glob("checkpoint-*"):
-            shutil.rmtree(old, ignore_errors=True)
+    resume_from = prepare_checkpoints(ckpt_dir, cfg.resume, rank, log)
 
     # 3. the model (weights load only now)
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed

@@ -259,3 +259,37 @@ def write_report(out: Path, report: Any) -> None:
     tmp = out / f".{REPORT_FILE}.tmp"
     tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     os.replace(tmp, out / REPORT_FILE)
+
+
+def prepare_checkpoints(ckpt_dir: Path, resume: bool, rank: int, log) -> str | None:
+    """The checkpoint to resume from (the last in `ckpt_dir`, with `resume`), or None. A fresh run removes a
+    previous run's checkpoints (on rank 0) so that a later resume cannot pick them up."""
+    if resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if last is None:
+            log.warning("resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+        return last
+    if ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*")) and rank == 0:
+        log.warning("starting from scratch: removing the previous run's checkpoints in %s", ckpt_dir)
+        for old in ckpt_dir.glob("checkpoint-*"):
+            shutil.rmtree(old, ignore_errors=True)
+    return None
+
+
+def register_folder(workspace, kind: str, name: str, out: Path, config: dict, parents: list[str],
+                    metrics: dict) -> str:
+    """Register the training output folder `out` (without checkpoints) as a `kind` artifact; returns its id.
+
+    The files are hard-linked into the artifact when the filesystem allows (no second copy of the weights),
+    else copied; `unshare_files` keeps a later run in the same `out` from writing through the links."""
+    with workspace.create_artifact(kind, name, config=config, parents=parents, metrics=metrics) as w:
+        for p in out.iterdir():
+            if p.name in (CHECKPOINTS_DIR, "slmops.json"):
+                continue
+            if p.is_dir():
+                shutil.copytree(p, w.path / p.name, copy_function=link_or_copy)
+            else:
+                link_or_copy(p, w.path / p.name)
+        return w.id
