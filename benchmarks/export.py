@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from slmops.bench.results import markdown_table, write_results  # noqa: E402
 from slmops.demo.task import DemoSizes, write_demo_data  # noqa: E402
 from slmops.demo.teacher import BUNDLED_TEACHER_DIR  # noqa: E402
+from slmops.evaluate.isolated import vm_hwm_mb  # noqa: E402
 
 ONNX = ("fp32", "int8", "int4")
 # (quant, token embedding type): q4_k_m as llama.cpp mixes it (embeddings q6_k), and with 4-bit embeddings
@@ -42,12 +43,6 @@ GGUF = (("f16", None), ("q8_0", None), ("q4_k_m", None), ("q4_k_m", "q4_k"), ("q
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _speed_worker(ref: str, prompts: list, n: int, max_new_tokens: int, queue) -> None:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from slmops.bench.results import markdown_table, write_results  # noqa: E402
 from slmops.demo.task import FinetuneSizes, write_finetune_data  # noqa: E402
 from slmops.demo.teacher import BUNDLED_TEACHER_DIR  # noqa: E402
+from slmops.evaluate.isolated import vm_hwm_mb  # noqa: E402
 
 BASE = str(BUNDLED_TEACHER_DIR)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -44,12 +45,6 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def score(engine, path: str, limit: int) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _vm_hwm_mb() -> float:
+def vm_hwm_mb() -> float:
     """Peak resident memory of this process (VmHWM). Unlike ru_maxrss, it is reset by exec, so a spawned
     worker does not report its parent's peak."""
     with open("/proc/self/status") as f:
@@ -31,14 +31,14 @@ def _worker(ref: str, test_path: str, workspace: str | None, limit: int | None, 
 
     if threads:
         torch.set_num_threads(threads)
-    base_mb = _vm_hwm_mb()
+    base_mb = vm_hwm_mb()
     records = load_dataset_file(test_path).records
     if limit:
         records = records[:limit]
     engine = open_engine(ref, workspace=Workspace(workspace) if workspace else None)
     info = engine.info()
     result = evaluate_engine(engine, records, max_new_tokens=max_new_tokens)
-    peak_mb = _vm_hwm_mb()
+    peak_mb = vm_hwm_mb()
     return {
         "scores": result.scores,
         "n": result.n,

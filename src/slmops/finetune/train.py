@@ -81,7 +81,7 @@ class FinetuneReport:
     trainable_parameters: int
     trainable_share: float
     quantized_layers: int               # 4-bit layers (QLoRA)
-    peak_rss_mb: float | None           # this process's peak resident memory (VmHWM), Linux only
+    peak_rss_mb: float | None           # this process's peak resident memory (VmHWM; ru_maxrss off Linux)
     lr: float
     stopped_early: bool
     resumed_from: str | None
@@ -126,14 +126,11 @@ def load_loss_function(spec: str) -> Callable:
     return fn
 
 
-def peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (VmHWM), to 0.1 MB."""
+    from slmops.evaluate.isolated import vm_hwm_mb
+
+    return round(vm_hwm_mb(), 1)
 
 
 def load_rows(cfg: FinetuneConfig, data_ref: str, val_ref: str | None) -> tuple[list[dict], list[dict], Path]:
