@@ -10,22 +10,11 @@ import numpy as np
 import pytest
 
 from slmops.engines import GenerationRequest, open_engine
-from slmops.errors import BadInputError, SlmopsError
+from slmops.errors import BadInputError
 from slmops.export import llamacpp
 
-
-def _missing() -> str | None:
-    if not llamacpp.llama_cpp_available():
-        return "llama-cpp-python is not installed (`make llama-cpp` builds it)"
-    try:
-        if llamacpp.find_converter_dir(required=False) is None:
-            return "llama.cpp's converter scripts are not installed (`make llama-cpp`)"
-    except SlmopsError as e:
-        return str(e)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+_WHY = llamacpp.unavailable_reason()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
 
 TEXTS = ["Hello, my order 12345 has not arrived yet.", '{"intent": "refund", "order_id": "98765"}',
          "  two  spaces and 3.14"]

@@ -107,6 +107,19 @@ def llama_cpp_available() -> bool:
     return True
 
 
+def unavailable_reason() -> str | None:
+    """Why GGUF export and the llama.cpp engine cannot run here (llama-cpp-python or llama.cpp's converter
+    scripts missing), or None when they can."""
+    if not llama_cpp_available():
+        return "llama-cpp-python is not installed (`make llama-cpp` builds it)"
+    try:
+        if find_converter_dir(required=False) is None:
+            return "llama.cpp's converter scripts are not installed (`make llama-cpp`)"
+    except SlmopsError as e:
+        return str(e)
+    return None
+
+
 def require_llama_cpp():
     """Import and return ``llama_cpp``, or raise a clear error saying how to install it."""
     try:
