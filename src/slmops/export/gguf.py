@@ -134,13 +134,6 @@ def _go_text(s: str) -> str:
     return s.replace("{{", '{{ "{{" }}')
 
 
-def _split_content(s: str) -> tuple[str, str]:
-    from slmops.models.templates import CONTENT
-
-    before, _, after = s.partition(CONTENT)
-    return before, after
-
-
 def ollama_template(chat_template: str, *, bos_token: str = "", eos_token: str = "") -> OllamaTemplate:
     """An Ollama TEMPLATE (Go text/template) that renders chats as `chat_template` (Jinja) does.
 
@@ -148,7 +141,7 @@ def ollama_template(chat_template: str, *, bos_token: str = "", eos_token: str =
     (so ChatML, Llama 3, Phi-3, Gemma, ... all work, and templates that are not per-role wrappers are
     refused with a clear error). `bos_token` is the text the template's ``bos_token`` stands for: pass ""
     when the runtime adds BOS itself (llama.cpp does when the GGUF says ``add_bos_token``)."""
-    from slmops.models.templates import chat_template_to_prompt_template
+    from slmops.models.templates import chat_template_to_prompt_template, prompt_template_roles
 
     tlog = logging.getLogger("slmops.models.templates")
     level = tlog.level
@@ -157,18 +150,10 @@ def ollama_template(chat_template: str, *, bos_token: str = "", eos_token: str =
         pt = chat_template_to_prompt_template(chat_template, bos_token=bos_token, eos_token=eos_token)
     finally:
         tlog.setLevel(level)
-    u_pre, u_post = _split_content(pt["user"])
-    a_pre, a_post = _split_content(pt["assistant"])
-    p_before, p_after = _split_content(pt["prompt"])
-    head = p_before[: len(p_before) - len(u_pre)] if u_pre else p_before
-    generation = p_after[len(u_post):]
-    system = _split_content(pt["system"]) if "system" in pt else None
-    prefix, default_system = head, None
-    if system is not None and system[0]:
-        s_pre, s_post = system
-        i = head.find(s_pre)
-        if i >= 0 and head.endswith(s_post) and len(head) - len(s_post) >= i + len(s_pre):
-            prefix, default_system = head[:i], head[i + len(s_pre): len(head) - len(s_post)]
+    roles = prompt_template_roles(pt)
+    u_pre, u_post = roles.user
+    a_pre, a_post = roles.assistant
+    generation, system, prefix, default_system = roles.generation, roles.system, roles.prefix, roles.default_system
     g = _go_text
     parts = [g(prefix), "{{ if .Messages }}{{ range $i, $_ := .Messages }}",
              "{{ $last := eq (len (slice $.Messages $i)) 1 }}"]

@@ -481,6 +481,36 @@ def _single_turn_template(pt: dict[str, str], bos_token: str | None) -> str:
     )
 
 
+def prompt_template_roles(prompt_template: dict[str, Any]) -> _Spec:
+    """The per-role wrappers of a PromptTemplate that has a ``user`` wrapper: the text before everything, the
+    default system turn (when ``prompt`` starts with a system wrapper), and each role's text before/after
+    {Content}. Raises ``BadInputError`` when ``prompt`` does not contain the user wrapper around {Content}."""
+    pt = validate_prompt_template(prompt_template)
+    u_pre, u_post = _parts(pt["user"])
+    p_before, p_after = _parts(pt["prompt"])
+    if not p_before.endswith(u_pre) or not p_after.startswith(u_post):
+        raise BadInputError(
+            "invalid PromptTemplate: 'prompt' must contain the 'user' template around {Content} "
+            f"(user {pt['user']!r}, prompt {pt['prompt']!r})"
+        )
+    head = p_before[: len(p_before) - len(u_pre)]
+    system = _parts(pt["system"]) if "system" in pt else None
+    prefix, default_system = head, None
+    if system is not None and system[0]:
+        s_pre, s_post = system
+        i = head.find(s_pre)
+        if i >= 0 and head.endswith(s_post) and len(head) - len(s_post) >= i + len(s_pre):
+            prefix, default_system = head[:i], head[i + len(s_pre): len(head) - len(s_post)]
+    return _Spec(
+        prefix=prefix,
+        default_system=default_system,
+        system=system,
+        user=(u_pre, u_post),
+        assistant=_parts(pt["assistant"]),
+        generation=p_after[len(u_post):],
+    )
+
+
 def prompt_template_to_chat_template(prompt_template: dict[str, Any], *, bos_token: str | None = None) -> str:
     """Build a Jinja chat template from a Foundry Local ``PromptTemplate``.
 
@@ -498,29 +528,7 @@ def prompt_template_to_chat_template(prompt_template: dict[str, Any], *, bos_tok
     pt = validate_prompt_template(prompt_template)
     if "user" not in pt:
         return _single_turn_template(pt, bos_token)
-    u_pre, u_post = _parts(pt["user"])
-    p_before, p_after = _parts(pt["prompt"])
-    if not p_before.endswith(u_pre) or not p_after.startswith(u_post):
-        raise BadInputError(
-            "invalid PromptTemplate: 'prompt' must contain the 'user' template around {Content} "
-            f"(user {pt['user']!r}, prompt {pt['prompt']!r})"
-        )
-    head = p_before[: len(p_before) - len(u_pre)]
-    system = _parts(pt["system"]) if "system" in pt else None
-    prefix, default_system = head, None
-    if system is not None and system[0]:
-        s_pre, s_post = system
-        i = head.find(s_pre)
-        if i >= 0 and head.endswith(s_post) and len(head) - len(s_post) >= i + len(s_pre):
-            prefix, default_system = head[:i], head[i + len(s_pre): len(head) - len(s_post)]
-    spec = _Spec(
-        prefix=prefix,
-        default_system=default_system,
-        system=system,
-        user=(u_pre, u_post),
-        assistant=_parts(pt["assistant"]),
-        generation=p_after[len(u_post):],
-    )
+    spec = prompt_template_roles(pt)
     return _spec_to_template(spec, bos_token=bos_token)
 
 
@@ -529,6 +537,7 @@ __all__ = [
     "PROMPT_TEMPLATE_KEYS",
     "chat_template_to_prompt_template",
     "prompt_template_from_tokenizer",
+    "prompt_template_roles",
     "prompt_template_to_chat_template",
     "render_chat_template",
     "validate_prompt_template",
