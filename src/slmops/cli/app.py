@@ -56,6 +56,7 @@ def _register() -> None:
     # each module adds its commands to `app`; imports here are light (no torch)
     from slmops.cli import (  # noqa: F401
         adapters,
+        chat,
         data,
         demo,
         distill,
@@ -67,6 +68,7 @@ def _register() -> None:
         models,
         quickstart,
         registry,
+        serve,
         tune,
     )
 

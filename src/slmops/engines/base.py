@@ -41,6 +41,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     adapter: str | None = None
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
+    top_logprobs: int = 0  # also report the n most likely tokens (and log-probabilities) at each step
 
     def __post_init__(self) -> None:
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
@@ -55,6 +58,11 @@ class GenerationRequest:
             raise BadInputError(f"top_p must be in (0, 1], got {self.top_p}")
         if len(self.stop) > 4:
             raise BadInputError("at most 4 stop strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise BadInputError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise BadInputError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
 
 
 @dataclass
@@ -84,6 +92,8 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # (token id, log-probability) of the most likely tokens at this step, when the request asked for them
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass

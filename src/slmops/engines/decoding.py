@@ -7,9 +7,28 @@ hands back numpy logits. A "row" is an engine's per-request state with ``request
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from slmops.engines.base import GenerationRequest, GenerationResult, TokenEvent, stop_holdback
+
+
+@dataclass
+class Row:
+    """One request's decoding state inside an engine. `rng` is the engine's sampler state (a numpy Generator,
+    or a torch Generator for the torch engine), None for greedy."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    rng: Any = None
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when top_logprobs > 0
+    text: str = ""
+    emitted: int = 0  # characters of `text` already streamed
+    finish_reason: str | None = None
+    t_first: float | None = None
+    t_last: float | None = None
 
 
 def row_result(row: Any, t0: float) -> GenerationResult:
@@ -21,21 +40,28 @@ def row_result(row: Any, t0: float) -> GenerationResult:
     )
 
 
-def stream_events(row: Any, steps: Iterable[None]) -> Iterator[TokenEvent]:
-    """One TokenEvent per decode step of `steps` (which advances `row`): the text that can no longer be cut
-    by a stop string (nor end inside a multi-byte character) is emitted once."""
+def step_event(row: Row) -> TokenEvent:
+    """The event for `row`'s latest decode step: the text that can no longer be cut by a stop string (nor
+    end inside a multi-byte character) and was not emitted before, and the step's token and logprob."""
     stops = row.request.stop
+    safe = len(row.text) if row.finish_reason else len(row.text) - stop_holdback(row.text, stops)
+    if row.text.endswith("\ufffd") and not row.finish_reason:
+        safe = min(safe, len(row.text) - 1)
+    delta = row.text[row.emitted:safe] if safe > row.emitted else ""
+    row.emitted = max(row.emitted, safe)
+    return TokenEvent(
+        token_id=row.ids[-1] if row.ids else None, text=delta,
+        logprob=row.logprobs[-1] if row.logprobs else None, finish_reason=row.finish_reason,
+        prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
+        top_logprobs=row.top[-1] if row.top else None,
+    )
+
+
+def stream_events(row: Row, steps: Iterable[None]) -> Iterator[TokenEvent]:
+    """One TokenEvent per decode step of `steps` (which advances `row`), see `step_event`."""
     for _ in steps:
-        safe = len(row.text) if row.finish_reason else len(row.text) - stop_holdback(row.text, stops)
-        if row.text.endswith("\ufffd") and not row.finish_reason:
-            safe = min(safe, len(row.text) - 1)
-        delta = row.text[row.emitted:safe] if safe > row.emitted else ""
-        row.emitted = max(row.emitted, safe)
-        yield TokenEvent(
-            token_id=row.ids[-1] if row.ids else None, text=delta,
-            logprob=row.logprobs[-1] if row.logprobs else None, finish_reason=row.finish_reason,
-            prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.ids),
-        )
+        event = step_event(row)
+        yield event
         if row.finish_reason:
             return
 
@@ -57,12 +83,36 @@ def log_softmax(x):
     return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
-def pick_token(request: GenerationRequest, logits, rng) -> tuple[int, float]:
+def penalty_counts(request: GenerationRequest, generated: list[int]) -> dict[int, int] | None:
+    """token -> times generated, when the request has a presence or frequency penalty (else None)."""
+    if not (request.presence_penalty or request.frequency_penalty) or not generated:
+        return None
+    counts: dict[int, int] = {}
+    for t in generated:
+        counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def pick_token(request: GenerationRequest, logits, rng, generated: list[int] | None = None,
+               top: list | None = None) -> tuple[int, float]:
     """(token, its log-probability) from numpy `logits`: greedy at temperature 0, else temperature, top-k and
-    top-p sampling with the row's numpy Generator `rng` (reproducible per request seed)."""
+    top-p sampling with the row's numpy Generator `rng` (reproducible per request seed). OpenAI's presence and
+    frequency penalties are applied against `generated` (the tokens so far). With `request.top_logprobs`,
+    the most likely (token, logprob) pairs are appended to `top`. Log-probabilities are the model's own,
+    before penalties and temperature."""
     import numpy as np
 
     logp = log_softmax(logits)
+    if top is not None and request.top_logprobs:
+        k = min(request.top_logprobs, logp.size)
+        best = np.argpartition(-logp, k - 1)[:k]
+        best = best[np.argsort(-logp[best], kind="stable")]
+        top.append([(int(t), float(logp[t])) for t in best])
+    counts = penalty_counts(request, generated or [])
+    if counts:
+        logits = logits.astype(np.float64, copy=True)
+        for t, c in counts.items():
+            logits[t] -= request.presence_penalty + request.frequency_penalty * c
     if request.temperature == 0:
         tok = int(np.argmax(logits))
         return tok, float(logp[tok])
@@ -85,4 +135,5 @@ def pick_token(request: GenerationRequest, logits, rng) -> tuple[int, float]:
     return tok, float(logp[tok])
 
 
-__all__ = ["group_by_adapter", "log_softmax", "pick_token", "row_result", "stream_events"]
+__all__ = ["Row", "group_by_adapter", "log_softmax", "penalty_counts", "pick_token", "row_result", "step_event",
+           "stream_events"]

@@ -33,7 +33,6 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from slmops.engines.base import (
     TokenEvent,
     find_stop,
 )
-from slmops.engines.decoding import log_softmax, pick_token, row_result, stream_events
+from slmops.engines.decoding import Row, log_softmax, pick_token, row_result, stream_events
 from slmops.errors import BadInputError, SlmopsError
 
 DEFAULT_MAX_CTX = 4096
@@ -63,18 +62,6 @@ def _close_all() -> None:
             pass
 
 
-@dataclass
-class _Row:
-    request: GenerationRequest
-    prompt_ids: list[int]
-    rng: Any = None
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    finish_reason: str | None = None
-    t_first: float | None = None
-    t_last: float | None = None
 
 
 def _int(v) -> int | None:
@@ -87,6 +74,7 @@ def _int(v) -> int | None:
 
 class LlamaCppEngine:
     name = "llama.cpp"
+    max_batch_size = 1  # one sequence per llama.cpp context
 
     def __init__(self, path: str | Path, *, tokenizer: Any = None, n_ctx: int | None = None,
                  threads: int | None = None, n_batch: int = 512, adapters: dict[str, str | Path] | None = None,
@@ -238,7 +226,7 @@ class LlamaCppEngine:
                                 f"use one of the loaded adapters, {BASE_ADAPTER!r} for the base model, or load it first")
         return name
 
-    def _resolve_adapter(self, name: str | None) -> str | None:
+    def resolve_adapter(self, name: str | None) -> str | None:
         if name is None:
             return self.default_adapter
         if name == BASE_ADAPTER:
@@ -324,8 +312,8 @@ class LlamaCppEngine:
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Every request, one after another (in order)."""
-        adapters = [self._resolve_adapter(r.adapter) for r in requests]  # unknown names fail before any work
-        rows = [self._row(r) for r in requests]
+        adapters = [self.resolve_adapter(r.adapter) for r in requests]  # unknown names fail before any work
+        rows = [self.prepare(r) for r in requests]
         results = []
         for row, name in zip(rows, adapters, strict=True):
             t0 = time.perf_counter()
@@ -335,15 +323,15 @@ class LlamaCppEngine:
         return results
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
-        adapter = self._resolve_adapter(request.adapter)
-        row = self._row(request)
+        adapter = self.resolve_adapter(request.adapter)
+        row = self.prepare(request)
         yield from stream_events(row, self._steps(row, adapter))
 
     def logprobs(self, texts: list[str], adapter: str | None = None) -> list[Logprobs]:
         """log p(token_i | tokens<i) for each text (no BOS added), under `adapter`."""
         import numpy as np
 
-        name = self._resolve_adapter(adapter)
+        name = self.resolve_adapter(adapter)
         out = []
         for text in texts:
             ids = self.tokenize(text)
@@ -360,7 +348,7 @@ class LlamaCppEngine:
         """For each text, a float32 numpy array [T, V]: row i is log p(. | tokens[:i+1]) (T tokens, no BOS)."""
         import numpy as np
 
-        name = self._resolve_adapter(adapter)
+        name = self.resolve_adapter(adapter)
         out = []
         for text in texts:
             ids = self.tokenize(text)
@@ -457,7 +445,7 @@ class LlamaCppEngine:
             chunks = list(self._decode(ids, 0, all_logits=True))
         return chunks
 
-    def _row(self, request: GenerationRequest) -> _Row:
+    def prepare(self, request: GenerationRequest) -> Row:
         import numpy as np
 
         ids = self.tokenize(self.render(request))
@@ -468,9 +456,9 @@ class LlamaCppEngine:
         rng = None
         if request.temperature > 0:
             rng = np.random.default_rng(request.seed)
-        return _Row(request=request, prompt_ids=ids, rng=rng)
+        return Row(request=request, prompt_ids=ids, rng=rng)
 
-    def _advance(self, row: _Row, tok: int, lp: float, now: float) -> None:
+    def _advance(self, row: Row, tok: int, lp: float, now: float) -> None:
         row.t_first = row.t_first or now
         row.t_last = now
         if self._lc.llama_vocab_is_eog(self._vocab, tok):
@@ -488,11 +476,18 @@ class LlamaCppEngine:
         elif len(row.prompt_ids) + len(row.ids) >= self.n_ctx:
             row.finish_reason = "length"
 
-    def _steps(self, row: _Row, adapter: str | None) -> Iterator[None]:
+    def decode_batch(self, rows: list[Row], adapter: str | None = None) -> Iterator[None]:
+        """Run one prepared row (see `prepare`) to completion with `adapter`, yielding after every token.
+        One sequence per context: `max_batch_size` is 1, so schedulers run requests one after another."""
+        if len(rows) != 1:
+            raise ValueError("the llama.cpp engine decodes one request at a time")
+        return self._steps(rows[0], adapter)
+
+    def _steps(self, row: Row, adapter: str | None) -> Iterator[None]:
         """Decode `row` to completion, yielding after every token."""
         while not row.finish_reason:
             logits = self._eval(row, row.prompt_ids + row.ids, adapter)
-            tok, lp = pick_token(row.request, logits, row.rng)
+            tok, lp = pick_token(row.request, logits, row.rng, row.ids, row.top)
             self._advance(row, tok, lp, time.perf_counter())
             yield
 

@@ -25,7 +25,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +37,12 @@ from slmops.engines.base import (
     TokenEvent,
     find_stop,
 )
-from slmops.engines.decoding import group_by_adapter, log_softmax, pick_token, row_result, stream_events
+from slmops.engines.decoding import Row, group_by_adapter, log_softmax, pick_token, row_result, stream_events
 from slmops.errors import BadInputError
 
 _FROM_EXPORT = object()  # default_adapter: whatever export.json names
 
 
-@dataclass
-class _Row:
-    request: GenerationRequest
-    prompt_ids: list[int]
-    rng: Any = None
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    finish_reason: str | None = None
-    t_first: float | None = None
-    t_last: float | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -217,7 +204,7 @@ class OrtGenAIEngine:
                                 f"use one of the loaded adapters, or {BASE_ADAPTER!r} for the base model")
         return name
 
-    def _resolve_adapter(self, name: str | None) -> str | None:
+    def resolve_adapter(self, name: str | None) -> str | None:
         if name is None:
             return self.default_adapter
         if name == BASE_ADAPTER:
@@ -261,8 +248,8 @@ class OrtGenAIEngine:
                                     bos_token=self._bos, eos_token=self._eos)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        adapters = [self._resolve_adapter(r.adapter) for r in requests]
-        rows = [self._row(r) for r in requests]
+        adapters = [self.resolve_adapter(r.adapter) for r in requests]
+        rows = [self.prepare(r) for r in requests]
         results: list[GenerationResult | None] = [None] * len(rows)
         for name, members in group_by_adapter(adapters).items():
             order = sorted(members, key=lambda i: len(rows[i].prompt_ids))
@@ -276,8 +263,8 @@ class OrtGenAIEngine:
         return results  # type: ignore[return-value]
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
-        adapter = self._resolve_adapter(request.adapter)
-        row = self._row(request)
+        adapter = self.resolve_adapter(request.adapter)
+        row = self.prepare(request)
         yield from stream_events(row, self._steps([row], adapter))
 
     def logprobs(self, texts: list[str], adapter: str | None = None) -> list[Logprobs]:
@@ -294,7 +281,7 @@ class OrtGenAIEngine:
         tokens 0..i)), from one forward pass of the whole text through ``model.onnx``."""
         import numpy as np
 
-        name = self._resolve_adapter(adapter)
+        name = self.resolve_adapter(adapter)
         out = []
         for text in texts:
             ids = self.tokenize(text)
@@ -313,7 +300,7 @@ class OrtGenAIEngine:
         self.model = None
 
     # --- internals -------------------------------------------------------------------------------
-    def _row(self, request: GenerationRequest) -> _Row:
+    def prepare(self, request: GenerationRequest) -> Row:
         import numpy as np
 
         ids = self.tokenize(self.render(request))
@@ -323,9 +310,9 @@ class OrtGenAIEngine:
             raise BadInputError(f"prompt is {len(ids)} tokens, the model's context is {self.context_length}",
                                 "shorten the prompt")
         rng = np.random.default_rng(request.seed) if request.temperature > 0 else None
-        return _Row(request=request, prompt_ids=ids, rng=rng)
+        return Row(request=request, prompt_ids=ids, rng=rng)
 
-    def _advance(self, row: _Row, tok: int, lp: float, now: float) -> None:
+    def _advance(self, row: Row, tok: int, lp: float, now: float) -> None:
         row.t_first = row.t_first or now
         row.t_last = now
         if tok in self.eos_ids:
@@ -341,7 +328,12 @@ class OrtGenAIEngine:
         elif len(row.ids) >= row.request.max_new_tokens:
             row.finish_reason = "length"
 
-    def _steps(self, rows: list[_Row], adapter: str | None = None) -> Iterator[None]:
+    def decode_batch(self, rows: list[Row], adapter: str | None = None) -> Iterator[None]:
+        """Run prepared rows (see `prepare`) to completion as one batch with `adapter` (a name from
+        `resolve_adapter`), yielding after every decode step (static batching: no joining mid-flight)."""
+        return self._steps(rows, adapter)
+
+    def _steps(self, rows: list[Row], adapter: str | None = None) -> Iterator[None]:
         """Run the batch to completion with `adapter` (None: base model), yielding after every token."""
         import numpy as np
 
@@ -370,7 +362,7 @@ class OrtGenAIEngine:
                 if r.finish_reason:
                     chosen.append(self.pad_id)
                     continue
-                tok, lp = pick_token(r.request, logits[i], r.rng)
+                tok, lp = pick_token(r.request, logits[i], r.rng, r.ids, r.top)
                 self._advance(r, tok, lp, now)
                 chosen.append(tok)
             if length + 1 >= max_length:  # the context is full: nothing more fits

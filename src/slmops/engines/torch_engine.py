@@ -17,9 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from slmops.engines.base import (
     BASE_ADAPTER,
@@ -30,25 +28,11 @@ from slmops.engines.base import (
     TokenEvent,
     find_stop,
 )
-from slmops.engines.decoding import group_by_adapter, row_result, stream_events
+from slmops.engines.decoding import Row, group_by_adapter, penalty_counts, row_result, stream_events
 from slmops.errors import BadInputError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-
-
-@dataclass
-class _Row:
-    request: GenerationRequest
-    prompt_ids: list[int]
-    generator: Any = None
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of `text` already streamed
-    finish_reason: str | None = None
-    t_first: float | None = None
-    t_last: float | None = None
 
 
 class TorchEngine:
@@ -157,7 +141,7 @@ class TorchEngine:
                                 "first (load_adapter / --adapter NAME=DIR)")
         return name
 
-    def _resolve_adapter(self, name: str | None) -> str | None:
+    def resolve_adapter(self, name: str | None) -> str | None:
         """The adapter a request naming `name` runs with (None: the base model); BadInputError for an
         unknown name."""
         if name is None:
@@ -229,8 +213,8 @@ class TorchEngine:
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Generate for every request, in batches of `max_batch_size` (grouped by adapter, then by prompt
         length)."""
-        adapters = [self._resolve_adapter(r.adapter) for r in requests]  # unknown names fail before any work
-        rows = [self._row(r) for r in requests]
+        adapters = [self.resolve_adapter(r.adapter) for r in requests]  # unknown names fail before any work
+        rows = [self.prepare(r) for r in requests]
         results: list[GenerationResult | None] = [None] * len(rows)
         for name, members in group_by_adapter(adapters).items():
             order = sorted(members, key=lambda i: len(rows[i].prompt_ids))
@@ -244,8 +228,8 @@ class TorchEngine:
         return results  # type: ignore[return-value]
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
-        adapter = self._resolve_adapter(request.adapter)
-        row = self._row(request)
+        adapter = self.resolve_adapter(request.adapter)
+        row = self.prepare(request)
         yield from stream_events(row, self._steps([row], adapter))
 
     def logprobs(self, texts: list[str], batch_size: int = 8, adapter: str | None = None) -> list[Logprobs]:
@@ -253,7 +237,7 @@ class TorchEngine:
         meaning as `GenerationRequest.adapter`)."""
         import torch
 
-        name = self._resolve_adapter(adapter)
+        name = self.resolve_adapter(adapter)
         out: list[Logprobs] = []
         for start in range(0, len(texts), batch_size):
             enc = [self.tokenize(t) for t in texts[start:start + batch_size]]
@@ -277,7 +261,7 @@ class TorchEngine:
         ``[T, V]`` per text of T tokens, row i being log p(. | tokens 0..i). Used for KL parity checks."""
         import torch
 
-        name = self._resolve_adapter(adapter)
+        name = self.resolve_adapter(adapter)
         out = []
         for text in texts:
             ids = self.tokenize(text)
@@ -296,7 +280,7 @@ class TorchEngine:
         self._peft_names = {}
 
     # --- internals -------------------------------------------------------------------------------
-    def _row(self, request: GenerationRequest) -> _Row:
+    def prepare(self, request: GenerationRequest) -> Row:
         import torch
 
         ids = self.tokenize(self.render(request))
@@ -311,13 +295,22 @@ class TorchEngine:
         if request.temperature > 0:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(request.seed if request.seed is not None else int(torch.seed() % (2**63)))
-        return _Row(request=request, prompt_ids=ids, generator=gen)
+        return Row(request=request, prompt_ids=ids, rng=gen)
 
-    def _pick(self, row: _Row, logits) -> tuple[int, float]:
+    def _pick(self, row: Row, logits) -> tuple[int, float]:
         import torch
 
         logp = torch.log_softmax(logits, dim=-1)
         req = row.request
+        if req.top_logprobs:
+            best = torch.topk(logp, min(req.top_logprobs, logp.numel()))
+            row.top.append([(int(t), float(v)) for v, t in zip(best.values, best.indices, strict=True)])
+        counts = penalty_counts(req, row.ids)
+        if counts:
+            toks = torch.tensor(list(counts), dtype=torch.long)
+            occ = torch.tensor(list(counts.values()), dtype=logits.dtype)
+            logits = logits.clone()
+            logits[toks] -= req.presence_penalty + req.frequency_penalty * occ
         if req.temperature == 0:
             tok = int(torch.argmax(logits))
             return tok, float(logp[tok])
@@ -331,10 +324,10 @@ class TorchEngine:
             drop = cum - torch.softmax(sorted_scores, dim=-1) >= req.top_p  # keep the token that crosses top_p
             scores = scores.scatter(0, idx, sorted_scores.masked_fill(drop, float("-inf")))
         probs = torch.softmax(scores, dim=-1)
-        tok = int(torch.multinomial(probs, 1, generator=row.generator))
+        tok = int(torch.multinomial(probs, 1, generator=row.rng))
         return tok, float(logp[tok])
 
-    def _advance(self, row: _Row, tok: int, lp: float, now: float) -> None:
+    def _advance(self, row: Row, tok: int, lp: float, now: float) -> None:
         row.t_first = row.t_first or now
         row.t_last = now
         if tok in self.eos_ids:
@@ -350,7 +343,21 @@ class TorchEngine:
         elif len(row.ids) >= row.request.max_new_tokens:
             row.finish_reason = "length"
 
-    def _steps(self, rows: list[_Row], adapter: str | None = None) -> Iterator[None]:
+    def decode_batch(self, rows: list[Row], adapter: str | None = None) -> Iterator[None]:
+        """Run prepared rows (see `prepare`) to completion as one batch with `adapter` (a name from
+        `resolve_adapter`), yielding after every decode step: the static batching path."""
+        return self._steps(rows, adapter)
+
+    def open_batch(self, adapter: str | None = None) -> TorchBatch | None:
+        """A running batch that rows can join between decode steps (continuous batching), or None when the
+        model's KV cache cannot be merged (only plain dynamic caches: no sliding window, no recurrent state)."""
+        cfg = self.model.config
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) or getattr(
+                cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
+            return None
+        return TorchBatch(self, adapter)
+
+    def _steps(self, rows: list[Row], adapter: str | None = None) -> Iterator[None]:
         """Run the batch to completion with `adapter` (None: base model), yielding after every decode step.
         The adapter is (re)activated before every forward, so interleaved streams stay correct."""
         import torch
@@ -393,3 +400,138 @@ class TorchEngine:
             step_ids = torch.tensor(next_tokens, dtype=torch.long)[:, None]
             step_pos = step_pos[:, -1:] + 1
             att = torch.cat([att, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+
+
+class TorchBatch:
+    """Continuous batching over the torch engine: rows `admit` between decode steps and leave when finished.
+
+    Each admission prefills the new rows as their own left-padded batch, then merges their KV cache into
+    the running batch (left-padding the shorter one along the sequence axis; padded positions are masked),
+    so a new request never waits for the running ones to finish. Finished rows are dropped from the cache
+    with `drop`, and leading columns that are padding for every row are cut off. One adapter per batch
+    (the scheduler keeps one batch per adapter in flight)."""
+
+    def __init__(self, engine: TorchEngine, adapter: str | None):
+        self.engine = engine
+        self.adapter = adapter
+        self.rows: list[Row] = []
+        self._past = None
+        self._att = None  # [B, T] attention mask over the cache
+        self._pos = None  # [B, 1] position of each row's next input token
+        self._next = None  # [B, 1] each row's next input token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _forward(self, ids, att, pos, past):
+        import torch
+
+        padded = bool((att == 0).any())
+        dev = self.engine.device
+        with torch.inference_mode():
+            out = self.engine._forward(self.adapter, input_ids=ids.to(dev),
+                                       attention_mask=att.to(dev) if padded else None,
+                                       position_ids=pos.to(dev), cache=past, use_cache=True, logits_to_keep=1)
+            return out.cache, out.logits[:, -1, :].float().cpu()
+
+    def _pick_all(self, rows: list[Row], logits) -> list[int]:
+        import torch
+
+        now = time.perf_counter()
+        chosen = []
+        with torch.inference_mode():
+            for i, r in enumerate(rows):
+                if r.finish_reason:
+                    chosen.append(self.engine.pad_id)
+                    continue
+                tok, lp = self.engine._pick(r, logits[i])
+                self.engine._advance(r, tok, lp, now)
+                chosen.append(tok)
+        return chosen
+
+    def admit(self, rows: list[Row]) -> None:
+        """Prefill `rows` (from `engine.prepare`) and add them; each gets its first token."""
+        import torch
+
+        if not rows:
+            return
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.engine.pad_id, dtype=torch.long)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            att[i, width - len(r.prompt_ids):] = 1
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        past, logits = self._forward(ids, att, pos, None)
+        nxt = torch.tensor(self._pick_all(rows, logits), dtype=torch.long)[:, None]
+        pos = pos[:, -1:] + 1
+        if not _mergeable(past):
+            raise BadInputError(f"continuous batching needs a plain dynamic KV cache, this model has "
+                                f"{type(past).__name__}", "serve it with static batching (open_batch returns None)")
+        if not self.rows:
+            self._past, self._att, self._pos, self._next = past, att, pos, nxt
+        else:
+            self._past, self._att = _merge_caches(self._past, self._att, past, att)
+            self._pos = torch.cat([self._pos, pos])
+            self._next = torch.cat([self._next, nxt])
+        self.rows.extend(rows)
+
+    def step(self) -> None:
+        """One decode step for every row in the batch."""
+        import torch
+
+        if not self.rows:
+            return
+        att = torch.cat([self._att, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        self._past, logits = self._forward(self._next, att, self._pos, self._past)
+        self._att = att
+        self._pos = self._pos + 1
+        self._next = torch.tensor(self._pick_all(self.rows, logits), dtype=torch.long)[:, None]
+
+    def drop(self, rows: list[Row]) -> None:
+        """Remove `rows` (finished or cancelled) from the batch and its cache."""
+        import torch
+
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self._past = self._att = self._pos = self._next = None
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        self._past.batch_select_indices(idx)
+        self._att, self._pos, self._next = self._att[idx], self._pos[idx], self._next[idx]
+        lead = int((self._att.cumsum(-1) == 0).sum(-1).min())  # columns that are padding for every row
+        if lead:
+            self._att = self._att[:, lead:]
+            for layer in self._past.layers:
+                layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+
+
+def _merge_caches(past_a, att_a, past_b, att_b):
+    """Stack two dynamic KV caches (and their masks) along the batch axis, left-padding the shorter one."""
+    import torch
+    import torch.nn.functional as F
+
+    ta, tb = att_a.shape[1], att_b.shape[1]
+    width = max(ta, tb)
+    for la, lb in zip(past_a.layers, past_b.layers, strict=True):
+        ka, va, kb, vb = la.keys, la.values, lb.keys, lb.values
+        if ta < width:
+            ka, va = F.pad(ka, (0, 0, width - ta, 0)), F.pad(va, (0, 0, width - ta, 0))
+        if tb < width:
+            kb, vb = F.pad(kb, (0, 0, width - tb, 0)), F.pad(vb, (0, 0, width - tb, 0))
+        la.keys, la.values = torch.cat([ka, kb]), torch.cat([va, vb])
+    att = torch.cat([F.pad(att_a, (width - ta, 0)), F.pad(att_b, (width - tb, 0))])
+    return past_a, att
+
+
+def _mergeable(cache) -> bool:
+    """Only plain dynamic caches (full attention, no sliding window or recurrent state) can be merged."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+__all__ = ["TorchBatch", "TorchEngine"]
