@@ -26,6 +26,8 @@ def parse_model_args(models: list[str], adapters: list[str], workspace=None) -> 
             name = default_name(arg, workspace)
         if not ref:
             raise BadInputError(f"model argument {arg!r} has no model before '='", "use MODEL or MODEL=NAME")
+        if any(s.name == name for s in specs):
+            raise BadInputError(f"two models are named {name!r}", "give each its own name: MODEL=NAME")
         specs.append(ModelSpec(ref=ref, name=check_name(name)))
     by_name = {s.name: s for s in specs}
     for arg in adapters:
