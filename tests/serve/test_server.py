@@ -275,3 +275,17 @@ def test_metrics_and_capture(start_server, tiny_model_dir, tmp_path):
                  "slmops_request_duration_seconds_count", "slmops_completion_tokens_total", "slmops_queue_depth",
                  "slmops_batch_size_count", "slmops_engine_memory_bytes"):
         assert name in text, name
+
+
+def test_json_mode(server):
+    c = client(server)
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=80,
+                                  temperature=0, response_format={"type": "json_object"})
+    text = r.choices[0].message.content
+    assert text.startswith("{")
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                                  response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})
+    assert err.value.body["param"] == "response_format"

@@ -44,6 +44,7 @@ class GenerationRequest:
     presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
     top_logprobs: int = 0  # also report the n most likely tokens (and log-probabilities) at each step
+    json_mode: bool = False  # constrain the answer to one JSON object (OpenAI's response_format json_object)
 
     def __post_init__(self) -> None:
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):

@@ -66,6 +66,26 @@ def stream_events(row: Row, steps: Iterable[None]) -> Iterator[TokenEvent]:
             return
 
 
+def json_allowed(row: Row, logits, piece, is_eos, candidates: int = 1024) -> list[int]:
+    """For a JSON-mode row: the tokens (among the `candidates` best by `logits`, a 1-D numpy array) that keep
+    its text a valid JSON-object prefix (see `engines.constraints`)."""
+    import numpy as np
+
+    from slmops.engines.constraints import allowed_tokens
+
+    k = min(candidates, logits.size)
+    best = np.argpartition(-logits, k - 1)[:k]
+    ranked = best[np.argsort(-logits[best], kind="stable")]
+    return allowed_tokens(row.text, (int(t) for t in ranked), piece, is_eos)
+
+
+def json_done(row: Row) -> bool:
+    """True when a JSON-mode row's text is one complete JSON object (the answer ends there)."""
+    from slmops.engines.constraints import COMPLETE, json_prefix_state
+
+    return row.request.json_mode and json_prefix_state(row.text) == COMPLETE
+
+
 def group_by_adapter(adapters: list[str | None]) -> dict[str | None, list[int]]:
     """Request indices grouped by resolved adapter name, in first-seen order."""
     groups: dict[str | None, list[int]] = {}
@@ -94,12 +114,12 @@ def penalty_counts(request: GenerationRequest, generated: list[int]) -> dict[int
 
 
 def pick_token(request: GenerationRequest, logits, rng, generated: list[int] | None = None,
-               top: list | None = None) -> tuple[int, float]:
+               top: list | None = None, allowed: list[int] | None = None) -> tuple[int, float]:
     """(token, its log-probability) from numpy `logits`: greedy at temperature 0, else temperature, top-k and
     top-p sampling with the row's numpy Generator `rng` (reproducible per request seed). OpenAI's presence and
     frequency penalties are applied against `generated` (the tokens so far). With `request.top_logprobs`,
     the most likely (token, logprob) pairs are appended to `top`. Log-probabilities are the model's own,
-    before penalties and temperature."""
+    before penalties and temperature. `allowed` restricts the choice to those tokens (JSON mode)."""
     import numpy as np
 
     logp = log_softmax(logits)
@@ -113,6 +133,10 @@ def pick_token(request: GenerationRequest, logits, rng, generated: list[int] | N
         logits = logits.astype(np.float64, copy=True)
         for t, c in counts.items():
             logits[t] -= request.presence_penalty + request.frequency_penalty * c
+    if allowed is not None:
+        masked = np.full(logits.shape, -np.inf, dtype=np.float64)
+        masked[allowed] = logits[allowed]
+        logits = masked
     if request.temperature == 0:
         tok = int(np.argmax(logits))
         return tok, float(logp[tok])
@@ -135,5 +159,5 @@ def pick_token(request: GenerationRequest, logits, rng, generated: list[int] | N
     return tok, float(logp[tok])
 
 
-__all__ = ["Row", "group_by_adapter", "log_softmax", "penalty_counts", "pick_token", "row_result", "step_event",
+__all__ = ["Row", "group_by_adapter", "json_allowed", "json_done", "log_softmax", "penalty_counts", "pick_token", "row_result", "step_event",
            "stream_events"]

@@ -45,7 +45,15 @@ from slmops.engines.base import (
     TokenEvent,
     find_stop,
 )
-from slmops.engines.decoding import Row, log_softmax, pick_token, row_result, stream_events
+from slmops.engines.decoding import (
+    Row,
+    json_allowed,
+    json_done,
+    log_softmax,
+    pick_token,
+    row_result,
+    stream_events,
+)
 from slmops.errors import BadInputError, SlmopsError
 
 DEFAULT_MAX_CTX = 4096
@@ -458,6 +466,18 @@ class LlamaCppEngine:
             rng = np.random.default_rng(request.seed)
         return Row(request=request, prompt_ids=ids, rng=rng)
 
+    def _piece(self, token_id: int) -> str:
+        pieces = self.__dict__.setdefault("_pieces", {})
+        if token_id not in pieces:
+            pieces[token_id] = self.detokenize([token_id])
+        return pieces[token_id]
+
+    def _allowed(self, row: Row, logits) -> list[int] | None:
+        """JSON mode: the tokens that keep the row a valid JSON-object prefix (None: no constraint)."""
+        if not row.request.json_mode:
+            return None
+        return json_allowed(row, logits, self._piece, lambda t: bool(self._lc.llama_vocab_is_eog(self._vocab, t)))
+
     def _advance(self, row: Row, tok: int, lp: float, now: float) -> None:
         row.t_first = row.t_first or now
         row.t_last = now
@@ -470,6 +490,8 @@ class LlamaCppEngine:
         cut = find_stop(row.text, row.request.stop)
         if cut is not None:
             row.text = row.text[:cut]
+            row.finish_reason = "stop"
+        elif json_done(row):
             row.finish_reason = "stop"
         elif len(row.ids) >= row.request.max_new_tokens:
             row.finish_reason = "length"
@@ -487,7 +509,7 @@ class LlamaCppEngine:
         """Decode `row` to completion, yielding after every token."""
         while not row.finish_reason:
             logits = self._eval(row, row.prompt_ids + row.ids, adapter)
-            tok, lp = pick_token(row.request, logits, row.rng, row.ids, row.top)
+            tok, lp = pick_token(row.request, logits, row.rng, row.ids, row.top, self._allowed(row, logits))
             self._advance(row, tok, lp, time.perf_counter())
             yield
 

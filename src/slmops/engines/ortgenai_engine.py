@@ -37,7 +37,16 @@ from slmops.engines.base import (
     TokenEvent,
     find_stop,
 )
-from slmops.engines.decoding import Row, group_by_adapter, log_softmax, pick_token, row_result, stream_events
+from slmops.engines.decoding import (
+    Row,
+    group_by_adapter,
+    json_allowed,
+    json_done,
+    log_softmax,
+    pick_token,
+    row_result,
+    stream_events,
+)
 from slmops.errors import BadInputError
 
 _FROM_EXPORT = object()  # default_adapter: whatever export.json names
@@ -312,6 +321,16 @@ class OrtGenAIEngine:
         rng = np.random.default_rng(request.seed) if request.temperature > 0 else None
         return Row(request=request, prompt_ids=ids, rng=rng)
 
+    def _piece(self, token_id: int) -> str:
+        pieces = self.__dict__.setdefault("_pieces", {})
+        if token_id not in pieces:
+            pieces[token_id] = self.decode([token_id])
+        return pieces[token_id]
+
+    def _allowed(self, row: Row, logits) -> list[int] | None:
+        """JSON mode: the tokens that keep the row a valid JSON-object prefix (None: no constraint)."""
+        return json_allowed(row, logits, self._piece, self.eos_ids.__contains__) if row.request.json_mode else None
+
     def _advance(self, row: Row, tok: int, lp: float, now: float) -> None:
         row.t_first = row.t_first or now
         row.t_last = now
@@ -324,6 +343,8 @@ class OrtGenAIEngine:
         cut = find_stop(row.text, row.request.stop)
         if cut is not None:
             row.text = row.text[:cut]
+            row.finish_reason = "stop"
+        elif json_done(row):
             row.finish_reason = "stop"
         elif len(row.ids) >= row.request.max_new_tokens:
             row.finish_reason = "length"
@@ -362,7 +383,7 @@ class OrtGenAIEngine:
                 if r.finish_reason:
                     chosen.append(self.pad_id)
                     continue
-                tok, lp = pick_token(r.request, logits[i], r.rng, r.ids, r.top)
+                tok, lp = pick_token(r.request, logits[i], r.rng, r.ids, r.top, self._allowed(r, logits[i]))
                 self._advance(r, tok, lp, now)
                 chosen.append(tok)
             if length + 1 >= max_length:  # the context is full: nothing more fits

@@ -28,7 +28,15 @@ from slmops.engines.base import (
     TokenEvent,
     find_stop,
 )
-from slmops.engines.decoding import Row, group_by_adapter, penalty_counts, row_result, stream_events
+from slmops.engines.decoding import (
+    Row,
+    group_by_adapter,
+    json_allowed,
+    json_done,
+    penalty_counts,
+    row_result,
+    stream_events,
+)
 from slmops.errors import BadInputError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -297,6 +305,13 @@ class TorchEngine:
             gen.manual_seed(request.seed if request.seed is not None else int(torch.seed() % (2**63)))
         return Row(request=request, prompt_ids=ids, rng=gen)
 
+    def _piece(self, token_id: int) -> str:
+        """The text of one token (memoised; JSON mode checks many candidates per step)."""
+        pieces = self.__dict__.setdefault("_pieces", {})
+        if token_id not in pieces:
+            pieces[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return pieces[token_id]
+
     def _pick(self, row: Row, logits) -> tuple[int, float]:
         import torch
 
@@ -311,6 +326,9 @@ class TorchEngine:
             occ = torch.tensor(list(counts.values()), dtype=logits.dtype)
             logits = logits.clone()
             logits[toks] -= req.presence_penalty + req.frequency_penalty * occ
+        if req.json_mode:
+            allowed = torch.tensor(json_allowed(row, logits.numpy(), self._piece, self.eos_ids.__contains__), dtype=torch.long)
+            logits = torch.full_like(logits, float("-inf")).index_copy(0, allowed, logits[allowed])
         if req.temperature == 0:
             tok = int(torch.argmax(logits))
             return tok, float(logp[tok])
@@ -339,6 +357,8 @@ class TorchEngine:
         cut = find_stop(row.text, row.request.stop)
         if cut is not None:
             row.text = row.text[:cut]
+            row.finish_reason = "stop"
+        elif json_done(row):
             row.finish_reason = "stop"
         elif len(row.ids) >= row.request.max_new_tokens:
             row.finish_reason = "length"

@@ -250,9 +250,10 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         served, adapter = resolve(req.model)
         request.state.model, request.state.adapter = served.name, adapter or ""
         fmt = getattr(req, "response_format", None)
-        if fmt is not None and fmt.type != "text":
-            raise ProtocolError(f"response_format {req.response_format.type!r} is not supported by this server yet",
-                                param="response_format")
+        json_mode = fmt is not None and fmt.type == "json_object"
+        if fmt is not None and fmt.type == "json_schema":
+            raise ProtocolError("response_format json_schema is not supported yet; use json_object (any JSON "
+                                "object) and validate the answer", param="response_format")
         loaded = await ensure_loaded(served)
         engine = loaded.engine
         n = int(req.n or 1)
@@ -285,8 +286,8 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
                                             code="context_length_exceeded")
                     max_new = ctx - n_prompt
                 try:
-                    gen_reqs = to_generation_requests({**prompt, **sampling_kwargs(req, max_new), "adapter": adapter},
-                                                      n, req.seed)
+                    gen_reqs = to_generation_requests({**prompt, **sampling_kwargs(req, max_new), "adapter": adapter,
+                                                       "json_mode": json_mode}, n, req.seed)
                 except BadInputError as exc:
                     raise ProtocolError(exc.message) from None
                 for j, gr in enumerate(gen_reqs):
