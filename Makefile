@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.slmops-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench clean llama-cpp
+.PHONY: venv demo test lint bench clean llama-cpp chromium
 
 venv: $(STAMP)
 
@@ -50,7 +50,16 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
-test: lint llama-cpp
+# the report test looks at a screenshot taken by a real headless browser: Debian's chromium (installed when
+# missing and apt is usable; the test skips, saying why, where it cannot be installed)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; } ; } || \
+	  echo "note: chromium is not installed and could not be; the HTML report's browser test will be skipped"
+
+test: lint llama-cpp chromium
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:
