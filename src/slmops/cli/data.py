@@ -1,4 +1,4 @@
-"""`slmops data validate|inspect|split`: a thin layer over `slmops.data`."""
+"""`slmops data validate|inspect|split|from-capture`: a thin layer over `slmops.data`."""
 
 from __future__ import annotations
 
@@ -188,3 +188,55 @@ def split_cmd(
             row.append(", ".join(f"{k}: {n}" for k, n in result.strata[name].items()))
         table.add_row(*_texts(*row))
     common.console.print(table)
+
+
+@data_app.command("from-capture")
+def from_capture(
+    files: Annotated[list[Path], typer.Argument(help="Capture files written by `slmops serve --capture FILE` (JSONL).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Prompt file to write (JSONL), for `slmops distill generate --prompts`.")],
+    train: Annotated[list[Path] | None, typer.Option("--train", help="Training (or earlier prompt) file to measure drift against; repeatable.")] = None,
+    redact: Annotated[str, typer.Option("--redact", help="pii (mask e-mails, phone/card numbers) | none | module:function (your hook; None drops). (default: pii)")] = "pii",
+    min_similarity: Annotated[float, typer.Option("--min-similarity", help="A captured prompt is 'unlike' the training data when its best character 5-gram Jaccard similarity to any training prompt is below this; see docs/operations.md for how it was chosen. (default: 0.3)")] = 0.3,
+    near_dup_threshold: Annotated[float, typer.Option("--near-dup-threshold", help="Merge prompts at least this similar (character 5-gram Jaccard) to an earlier one; 0 = exact duplicates only. (default: 0.9)")] = 0.9,
+    model: Annotated[str | None, typer.Option("--model", help="Keep only requests served as this model name (metadata.model).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole summary as JSON.")] = False,
+) -> None:
+    """Turn captured production traffic into the prompt file of the next distillation.
+
+    Keeps each request's prompt (the messages without the answer), redacted, de-duplicated (exact after normalising whitespace and case, then near duplicates), and writes OUT plus OUT.drift.json. With --train, the drift summary says which share of captured prompts is unlike the training prompts (see docs/operations.md).
+
+    Examples:\n
+      slmops data from-capture capture.jsonl --out next/prompts.jsonl --train data/train.jsonl\n
+      slmops data from-capture day1.jsonl day2.jsonl --out p.jsonl --redact myhooks:scrub --min-similarity 0.4\n
+      slmops distill generate --teacher teacher@production --prompts next/prompts.jsonl --out runs/d2
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from slmops.data.capture import prompts_from_capture
+
+    res = prompts_from_capture(files, out, train=train, redact=redact, min_similarity=min_similarity,
+                               near_dup_threshold=near_dup_threshold, model=model)
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
+        return
+    table = Table("", "count", title=_texts(f"{res.records} captured records -> {res.written} prompts")[0])
+    for reason, n in res.skipped.items():
+        table.add_row(f"skipped: {reason}", str(n))
+    table.add_row(f"redacted ({res.redaction})", str(res.redacted))
+    table.add_row("exact duplicates merged", str(res.exact_duplicates))
+    table.add_row("near duplicates merged", str(res.near_duplicates))
+    table.add_row("prompts written", str(res.written))
+    common.console.print(table)
+    d = res.drift
+    if d is None:
+        common.console.print("drift: not measured (pass --train FILE)", highlight=False)
+    else:
+        _out(f"drift: {d.unlike} of {d.captured} distinct captured prompts ({d.share_unlike:.1%}; "
+             f"{d.share_unlike_requests:.1%} of {d.requests} requests) are unlike the {d.training_prompts} training "
+             f"prompts (best 5-gram Jaccard similarity < {d.min_similarity:g}; median {d.similarity['median']:.2f})")
+        for ex in d.examples:
+            text = " ".join(ex["prompt"].split())
+            _out(f"  {ex['similarity']:.2f}  {text[:100]}{'...' if len(text) > 100 else ''}")
+    common.console.print(f"prompts: {escape(str(res.out))}  drift summary: {escape(str(res.drift_path))}",
+                         highlight=False)
