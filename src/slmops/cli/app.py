@@ -56,18 +56,23 @@ def _register() -> None:
     # each module adds its commands to `app`; imports here are light (no torch)
     from slmops.cli import (  # noqa: F401
         adapters,
+        bench,
         chat,
         data,
         demo,
         distill,
         distill_run,
         distill_train,
+        evaluate,
         export,
         export_gguf,
         finetune,
         models,
         quickstart,
         registry,
+        report,
+        rollout,
+        run,
         serve,
         tune,
     )
