@@ -180,25 +180,6 @@ def run_generate(ctx: StepContext) -> StepOutput:
 # --- training --------------------------------------------------------------------------------------------
 
 
-def clean_checkpoints(ckpt_dir: Path) -> list[str]:
-    """Remove checkpoints a kill left half-written (no readable trainer_state.json, which the Trainer writes
-    last), so that resuming picks the last complete one. Returns the names removed."""
-    removed = []
-    if not ckpt_dir.is_dir():
-        return removed
-    for ck in sorted(ckpt_dir.glob("checkpoint-*")):
-        state = ck / "trainer_state.json"
-        try:
-            json.loads(state.read_text(encoding="utf-8"))
-            ok = True
-        except (OSError, ValueError):
-            ok = False
-        if not ok:
-            shutil.rmtree(ck, ignore_errors=True)
-            removed.append(ck.name)
-    return removed
-
-
 def _config_with_inputs(ctx: StepContext, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     data = dict(extra or {})
     data.update(ctx.options)
@@ -213,8 +194,6 @@ def run_distill(ctx: StepContext) -> StepOutput:
     from slmops.distill.train import StudentTrainConfig, train_student
 
     cfg = StudentTrainConfig.model_validate({**_config_with_inputs(ctx), "resume": ctx.resume})
-    if ctx.resume:
-        clean_checkpoints(ctx.work_dir / "checkpoints")
     with ctx.bar(f"{ctx.step.name}: student training", cfg.max_steps) as advance:
         report = train_student(cfg, ctx.work_dir, workspace=ctx.workspace, progress=advance)
     if report.artifact_id is None:
@@ -236,8 +215,6 @@ def run_finetune(ctx: StepContext) -> StepOutput:
         base.pop("resume", None)
     data = _config_with_inputs(ctx, base)
     cfg = FinetuneConfig.model_validate({**data, "resume": ctx.resume})
-    if ctx.resume:
-        clean_checkpoints(ctx.work_dir / "checkpoints")
     with ctx.bar(f"{ctx.step.name}: {cfg.method} fine-tuning", cfg.max_steps) as advance:
         report = _run(cfg, ctx.work_dir, workspace=ctx.workspace, progress=advance)
     if report.artifact_id is None:

@@ -261,12 +261,30 @@ def write_report(out: Path, report: Any) -> None:
     os.replace(tmp, out / REPORT_FILE)
 
 
+def clean_checkpoints(ckpt_dir: Path) -> list[str]:
+    """Remove checkpoints a kill left half-written (no readable trainer_state.json, which the Trainer writes
+    last), so that resuming picks the last complete one. Returns the names removed."""
+    removed: list[str] = []
+    if not ckpt_dir.is_dir():
+        return removed
+    for ck in sorted(ckpt_dir.glob("checkpoint-*")):
+        try:
+            json.loads((ck / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            shutil.rmtree(ck, ignore_errors=True)
+            removed.append(ck.name)
+    return removed
+
+
 def prepare_checkpoints(ckpt_dir: Path, resume: bool, rank: int, log) -> str | None:
-    """The checkpoint to resume from (the last in `ckpt_dir`, with `resume`), or None. A fresh run removes a
-    previous run's checkpoints (on rank 0) so that a later resume cannot pick them up."""
+    """The checkpoint to resume from (the last complete one in `ckpt_dir`, with `resume`), or None. A fresh run
+    removes a previous run's checkpoints (on rank 0) so that a later resume cannot pick them up."""
     if resume:
         from transformers.trainer_utils import get_last_checkpoint
 
+        if rank == 0:
+            for name in clean_checkpoints(ckpt_dir):
+                log.warning("resume: removed %s, which a crash left half-written", name)
         last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
         if last is None:
             log.warning("resume: no checkpoint in %s, starting from scratch", ckpt_dir)
