@@ -122,6 +122,11 @@ def serve(
     from slmops.serve.capture import load_redactor
     from slmops.serve.manager import ModelManager
 
+    import sys
+
+    # the engine's worker thread and the event loop share the GIL: hand it over more often than every 5 ms,
+    # so a token's server-side work (SSE, metrics) does not hold the next decode step back
+    sys.setswitchinterval(float(os.environ.get("SLMOPS_SWITCH_INTERVAL", "0.0005")))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         common.info(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
     manager = ModelManager(specs, workspace=ws, keep_alive_s=keep_alive, max_batch_size=max_batch_size,

@@ -489,22 +489,28 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
                 for i in choices:
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
+                parts: list[str] = []
                 async for index, ev, t in events(served, tickets, queue, t0):
-                    if ev is None:
-                        continue
-                    c = choices[index]
-                    before = len(c.tokens)
-                    c.add(ev, t, metrics, served.name)
-                    lp = None
-                    if want_lp and len(c.tokens) > before:
-                        part = _Choice(index)
-                        part.tokens = c.tokens[before:]
-                        lp = {"content": logprob_items(engine, part)}
-                    if ev.text or lp:
-                        yield chunk([{"index": index, "delta": {"content": ev.text}, "logprobs": lp,
-                                      "finish_reason": None}])
-                    if ev.finish_reason:
-                        yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
+                    if ev is not None:
+                        c = choices[index]
+                        before = len(c.tokens)
+                        c.add(ev, t, metrics, served.name)
+                        lp = None
+                        if want_lp and len(c.tokens) > before:
+                            part = _Choice(index)
+                            part.tokens = c.tokens[before:]
+                            lp = {"content": logprob_items(engine, part)}
+                        if ev.text or lp:
+                            parts.append(chunk([{"index": index, "delta": {"content": ev.text}, "logprobs": lp,
+                                                 "finish_reason": None}]))
+                        if ev.finish_reason:
+                            parts.append(chunk([{"index": index, "delta": {}, "logprobs": None,
+                                                 "finish_reason": ev.finish_reason}]))
+                    if parts and queue.empty():  # one write for whatever arrived together
+                        yield "".join(parts)
+                        parts = []
+                if parts:
+                    yield "".join(parts)
                 prompt, completion = observe(served, choices, len(tickets), t0, request)
                 if include_usage:
                     yield chunk([], usage(prompt, completion))
@@ -561,20 +567,25 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
                 if req.echo:
                     for i in choices:
                         yield chunk([{"index": i, "text": prefix(i), "logprobs": None, "finish_reason": None}])
+                parts: list[str] = []
                 async for index, ev, t in events(served, tickets, queue, t0):
-                    if ev is None:
-                        continue
-                    c = choices[index]
-                    before = len(c.tokens)
-                    c.add(ev, t, metrics, served.name)
-                    lp = None
-                    if want_lp and len(c.tokens) > before:
-                        part = _Choice(index)
-                        part.tokens = c.tokens[before:]
-                        lp = completion_logprobs(engine, part, len(prefix(index)) + len(c.text) - len(ev.text))
-                    if ev.text or lp or ev.finish_reason:
-                        yield chunk([{"index": index, "text": ev.text, "logprobs": lp,
-                                      "finish_reason": ev.finish_reason}])
+                    if ev is not None:
+                        c = choices[index]
+                        before = len(c.tokens)
+                        c.add(ev, t, metrics, served.name)
+                        lp = None
+                        if want_lp and len(c.tokens) > before:
+                            part = _Choice(index)
+                            part.tokens = c.tokens[before:]
+                            lp = completion_logprobs(engine, part, len(prefix(index)) + len(c.text) - len(ev.text))
+                        if ev.text or lp or ev.finish_reason:
+                            parts.append(chunk([{"index": index, "text": ev.text, "logprobs": lp,
+                                                 "finish_reason": ev.finish_reason}]))
+                    if parts and queue.empty():  # one write for whatever arrived together
+                        yield "".join(parts)
+                        parts = []
+                if parts:
+                    yield "".join(parts)
                 prompt, completion = observe(served, choices, n, t0, request)
                 if include_usage:
                     yield chunk([], usage(prompt, completion))
