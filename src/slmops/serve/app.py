@@ -87,13 +87,14 @@ class _Choice:
         self.tokens: list[tuple[int, float | None, list | None]] = []
         self.t_first: float | None = None
         self.t_last: float | None = None
+        self.gaps: list[float] = []
 
-    def add(self, ev: TokenEvent, t: float, metrics: ServerMetrics, model: str) -> None:
+    def add(self, ev: TokenEvent, t: float) -> None:
         if ev.token_id is not None and ev.completion_tokens > self.completion_tokens:
             if self.t_first is None:
                 self.t_first = t
             elif self.t_last is not None:
-                metrics.itl.labels(model).observe(t - self.t_last)
+                self.gaps.append(t - self.t_last)  # observed once the request ends, off the per-token path
             self.t_last = t
             self.tokens.append((ev.token_id, ev.logprob, ev.top_logprobs))
         self.text += ev.text
@@ -366,6 +367,10 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         name = served.name
         metrics.prompt_tokens.labels(name).inc(prompt)
         metrics.completion_tokens.labels(name).inc(completion)
+        itl = metrics.itl.labels(name)
+        for c in choices.values():
+            for gap in c.gaps:
+                itl.observe(gap)
         firsts = [c.t_first for c in choices.values() if c.t_first is not None]
         if firsts:
             metrics.ttft.labels(name).observe(min(firsts) - t0)
@@ -387,7 +392,7 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         try:
             async for index, ev, t in events(served, tickets, queue, t0):
                 if ev is not None:
-                    choices[index].add(ev, t, metrics, served.name)
+                    choices[index].add(ev, t)
         finally:
             watcher.cancel()
         return choices
@@ -483,6 +488,13 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
                 body["usage"] = use
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        # the per-token chunk, pre-rendered around the text (the same JSON as `chunk` writes)
+        head = chunk([{"index": 0}]).split('[{"index": 0}]')
+        text_head, text_tail = head[0] + '[{"index": ', ', "logprobs": null, "finish_reason": null}]' + head[1]
+
+        def text_chunk(index: int, text: str) -> str:
+            return f'{text_head}{index}, "delta": {{"content": {json.dumps(text, ensure_ascii=False)}}}{text_tail}'
+
         async def sse():
             choices = {i: _Choice(i) for i in range(len(tickets))}
             try:
@@ -494,15 +506,17 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
                     if ev is not None:
                         c = choices[index]
                         before = len(c.tokens)
-                        c.add(ev, t, metrics, served.name)
+                        c.add(ev, t)
                         lp = None
                         if want_lp and len(c.tokens) > before:
                             part = _Choice(index)
                             part.tokens = c.tokens[before:]
                             lp = {"content": logprob_items(engine, part)}
-                        if ev.text or lp:
+                        if lp:
                             parts.append(chunk([{"index": index, "delta": {"content": ev.text}, "logprobs": lp,
                                                  "finish_reason": None}]))
+                        elif ev.text:
+                            parts.append(text_chunk(index, ev.text))
                         if ev.finish_reason:
                             parts.append(chunk([{"index": index, "delta": {}, "logprobs": None,
                                                  "finish_reason": ev.finish_reason}]))
@@ -572,7 +586,7 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
                     if ev is not None:
                         c = choices[index]
                         before = len(c.tokens)
-                        c.add(ev, t, metrics, served.name)
+                        c.add(ev, t)
                         lp = None
                         if want_lp and len(c.tokens) > before:
                             part = _Choice(index)
