@@ -1,9 +1,20 @@
 """The quickstart: the whole life of a model, offline, on the bundled demo task and teacher.
 
-Generate the demo data, register it and the bundled teacher, evaluate the teacher through the torch
-Engine, distill it into a student a quarter of its size or less (the teacher labels the unlabeled prompts,
-the student trains on them; sequence-level, which beat logit KD at equal steps in benchmarks/distill.py), compare the two side by side, and write ``report.md``.
-Later stages extend this same function.
+`slmops quickstart` is the pipeline ``slmops/demo/quickstart.yaml`` (``examples/quickstart.yaml`` links to it)
+run through :mod:`slmops.pipeline` in ``WORKDIR/.slmops``, then one report over its five variants:
+
+demo data -> the bundled teacher (evaluated) -> the teacher labels the unlabeled prompts -> a student a
+quarter of its size or less (evaluated) -> a LoRA adapter on the student for two intents it has never seen
+(the student evaluated on them before, the adapter after, on both tasks) -> ONNX int4 and GGUF q4_k_m with
+the adapter merged (parity against the source, evaluated on both tasks) -> a bench of all five variants ->
+a gate on the ONNX model -> promotion. ``WORKDIR/report.md`` starts with a short summary (teacher vs student,
+LoRA before/after, exports) followed by the tables of ``WORKDIR/report.html`` (slmops.report): lineage,
+quality-vs-latency and quality-vs-size scatters, tokens/s and memory bars, every metric with its bootstrap
+interval, gate outcomes.
+
+The command's options become pipeline overrides (``--set vars.NAME=V``); skipping a stage runs a variant of
+the pipeline without those steps. Every step is cached by the pipeline runner, so a second run with the same
+options recomputes nothing and only rewrites the report.
 """
 
 from __future__ import annotations
@@ -11,65 +22,58 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from slmops.errors import NotFoundError
+from slmops.errors import GateFailedError, NotFoundError
 from slmops.workspace import Workspace, hash_folder
+
+PIPELINE_FILE = Path(__file__).resolve().parent / "demo" / "quickstart.yaml"
+# the five variants the report covers: step -> label
+VARIANT_STEPS = {"teacher": "teacher", "distill": "student", "finetune": "fine-tuned (student + LoRA)",
+                 "export-onnx": "ONNX int4", "export-gguf": "GGUF q4_k_m"}
+BASE_DATA, NEW_DATA = "triage-test", "gifts-test"  # the eval steps' data_name values
 
 
 @dataclass
 class QuickstartResult:
     workdir: Path
     report_path: Path
-    teacher_id: str
-    dataset_id: str
-    eval_id: str
-    scores: dict[str, float]
-    latency: dict[str, float]
-    timings: dict[str, float] = field(default_factory=dict)
-    student_id: str | None = None
-    comparison: dict | None = None
-    adapter_id: str | None = None
-    finetune: dict | None = None
-    exports: dict | None = None
+    html_path: Path
+    outputs: dict[str, str]                      # step -> output artifact
+    ran: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)   # step -> why it is not part of this run
+    seconds: float = 0.0
+    lines: list[str] = field(default_factory=list)          # the summary, one line per stage
+    gate_error: str | None = None
+
+    @property
+    def teacher_id(self) -> str:
+        return self.outputs["teacher"]
+
+    @property
+    def student_id(self) -> str | None:
+        return self.outputs.get("distill")
+
+    @property
+    def adapter_id(self) -> str | None:
+        return self.outputs.get("finetune")
+
+    @property
+    def all_cached(self) -> bool:
+        return not self.ran and bool(self.cached)
 
     def summary(self) -> str:
-        s, lat = self.scores, self.latency
-        return (
-            f"teacher {self.teacher_id} on {int(s.get('n', 0))} test examples: "
-            f"exact match {s['exact_match']:.1%}, JSON valid {s['json_valid']:.1%}, "
-            f"field accuracy {s.get('field_accuracy', 0):.1%}; "
-            f"median latency {lat['median_latency_s'] * 1000:.0f} ms, decode {lat['median_decode_tok_s']:.0f} tok/s"
-        ) + self._student_line() + self._finetune_line() + self._export_line()
-
-    def _export_line(self) -> str:
-        parts = []
-        for name, e in (self.exports or {}).items():
-            if "error" in e:
-                parts.append(f"{name}: {e['error']}")
-            elif e.get("size_ratio_vs_fp16") is not None:
-                ret = e.get("exact_match_retention")
-                parts.append(f"{name} {1 - e['size_ratio_vs_fp16']:.0%} smaller than fp16"
-                             + (f", {ret:.1%} of the exact match kept" if ret is not None else ""))
-        return ("\nexports: " + "; ".join(parts)) if parts else ""
-
-    def _finetune_line(self) -> str:
-        if not self.finetune:
-            return ""
-        f = self.finetune
-        return (f"\nLoRA adapter {self.adapter_id} on the {f['model_role']} for the new intents "
-                f"({', '.join(f['intents'])}): exact match {f['before']['new']:.1%} -> {f['after']['new']:.1%} on "
-                f"them, {f['before']['base']:.1%} -> {f['after']['base']:.1%} on the original task")
-
-    def _student_line(self) -> str:
-        if not self.comparison:
-            return ""
-        st = next(r for r in self.comparison["rows"] if r["model"] == "student")
-        return (f"\nstudent {self.student_id}: exact match {st['exact_match']:.1%} "
-                f"(retention {st['retention']:.1%}), {st['param_ratio']:.0%} of the teacher's parameters, "
-                f"{st['decode_speedup']:.1f}x its decode tokens/s")
+        n = len(self.ran) + len(self.cached)
+        if self.gate_error:
+            head = f"pipeline quickstart stopped at its gate ({self.seconds:.1f} s): {n} steps finished"
+        else:
+            head = (f"pipeline quickstart: {n} steps, {len(self.ran)} ran, {len(self.cached)} cached "
+                    f"({self.seconds:.1f} s)" + ("; every step cached, nothing was recomputed" if self.all_cached
+                                                 else ""))
+        return "\n".join([head, *self.lines])
 
 
 def _find_same(ws: Workspace, kind: str, name: str, folder_hashes: dict[str, str]) -> str | None:
@@ -102,259 +106,275 @@ def register_bundled_teacher(ws: Workspace) -> str:
     return m.id
 
 
-def register_demo_data(ws: Workspace, data_dir: Path, seed: int) -> str:
-    from slmops.demo.task import write_demo_data
+def quickstart_pipeline(ws: Workspace, *, seed: int = 0, limit: int | None = None, distill_steps: int = 1200,
+                        prompts: int | None = None, finetune_steps: int = 300, export: bool = True,
+                        gguf: bool | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """The quickstart pipeline with the command's options applied: (pipeline, overrides, skipped steps and
+    why). `gguf=None` exports GGUF only when llama-cpp-python is installed."""
+    from slmops.pipeline import load_pipeline
 
-    write_demo_data(data_dir, seed=seed)
-    name = f"demo-triage-seed{seed}"
-    existing = _find_same(ws, "dataset", name, hash_folder(data_dir))
-    if existing:
-        return existing
-    m = ws.import_folder(data_dir, "dataset", name, config={"generator": "slmops.demo.task", "seed": seed})
-    return m.id
+    sets = [f"vars.seed={seed}"]
+    if limit:
+        sets += [f"vars.eval_limit={limit}", f"vars.parity_limit={limit}", f"vars.finetune_test={limit}"]
+    if prompts:
+        sets.append(f"vars.prompts={prompts}")
+    if distill_steps > 0:
+        sets.append(f"vars.distill_steps={distill_steps}")
+    if finetune_steps > 0:
+        sets += [f"vars.finetune_steps={finetune_steps}", f"vars.finetune_eval_every={max(1, finetune_steps // 3)}"]
+    sets += list(overrides)  # the caller's --set wins
+    pipe = load_pipeline(PIPELINE_FILE, overrides=sets, workspace=ws)
+    skip: dict[str, str] = {}
+    rewire: dict[str, str] = {}
+    if distill_steps <= 0:  # no student: the teacher is fine-tuned and exported
+        skip.update(dict.fromkeys(("generate", "distill", "eval-student"), "--distill-steps 0"))
+        rewire["distill"] = "teacher"
+    if finetune_steps <= 0:  # no adapter: the (distilled) model is exported as it is
+        skip.update(dict.fromkeys(("finetune", "eval-student-new"), "--finetune-steps 0"))
+    if not export:
+        skip.update(dict.fromkeys(("export-onnx", "export-gguf"), "--no-export"))
+    if gguf is None:
+        from slmops.export.llamacpp import llama_cpp_available
+
+        gguf = llama_cpp_available()
+    if not gguf and "export-gguf" not in skip:
+        skip["export-gguf"] = "llama-cpp-python is not installed (`make llama-cpp` builds it)"
+    variant = pipe.variant(set(skip), rewire)
+    # what the skipped steps took with them, and data nobody reads any more
+    kept = set(variant.names)
+    for s in pipe.steps:
+        if s.name not in kept and s.name not in skip:
+            skip[s.name] = "needs " + ", ".join(d for d in s.deps if d in skip or d not in kept)
+    unused = {s.name for s in variant.steps if s.kind == "demo-data"
+              and not any(s.name in o.deps for o in variant.steps)}
+    if unused:
+        for name in unused:
+            skip[name] = "nothing reads it"
+        variant = variant.variant(unused)
+    return variant, sets, skip
 
 
 def run_quickstart(workdir: str | Path, workspace: str | Path | None = None, seed: int = 0,
                    limit: int | None = None, progress: Callable | None = None, distill_steps: int = 1200,
                    prompts: int | None = None, log: Callable[[str], None] = lambda _m: None,
-                   finetune_steps: int = 300, export: bool = True) -> QuickstartResult:
-    """Run the quickstart in `workdir`. `limit` evaluates on the first N test examples only; `prompts`
-    labels only the first N unlabeled prompts; `distill_steps=0` skips distillation; `finetune_steps=0`
-    skips the LoRA fine-tune (of the student, or of the teacher without one); `export=False` skips exporting
-    the fine-tuned model to ONNX int4 and GGUF q4_k_m."""
-    from slmops.data import load_dataset_file
-    from slmops.engines import open_engine
-    from slmops.evaluate import evaluate_engine, measure_latency
+                   finetune_steps: int = 300, export: bool = True, overrides: list[str] | tuple[str, ...] = (),
+                   gguf: bool | None = None, raise_on_gate: bool = True) -> QuickstartResult:
+    """Run the quickstart pipeline in the workspace `workspace` (default ``WORKDIR/.slmops``) and write
+    ``WORKDIR/report.md`` and ``WORKDIR/report.html``.
+
+    `limit`: evaluate (and measure export parity) on the first N test examples; `prompts`: the teacher labels
+    only the first N prompts; `distill_steps=0` skips distillation (the teacher is fine-tuned and exported);
+    `finetune_steps=0` skips the LoRA stage (the model is exported without an adapter); `export=False` skips
+    the ONNX int4 and GGUF q4_k_m exports and what depends on them; `overrides`: more ``--set`` items
+    (``vars.NAME=V``, ``STEP.OPTION=V``). A failing gate still writes the report, then raises
+    GateFailedError (exit 3), or with `raise_on_gate=False` returns with `gate_error` set."""
+    from slmops.pipeline import run_pipeline
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ws = Workspace(workspace or workdir / ".slmops")
-    timings: dict[str, float] = {}
-    bar = progress or (lambda *a, **k: nullcontext(lambda *a, **k: None))
-
-    t = time.perf_counter()
-    dataset_id = register_demo_data(ws, workdir / "data", seed)
-    teacher_id = register_bundled_teacher(ws)
-    timings["setup_s"] = time.perf_counter() - t
-
-    test = load_dataset_file(ws.resolve(dataset_id) / "test.jsonl").records
-    if limit:
-        test = test[:limit]
-    t = time.perf_counter()
-    engine = open_engine(teacher_id, workspace=ws)
-    with bar("evaluating teacher", total=len(test)) as advance:
-        result = evaluate_engine(engine, test, progress=advance)
-    latency = measure_latency(engine, test, n=min(20, len(test)))
-    result.latency = latency
-    timings["eval_s"] = time.perf_counter() - t
-    info = engine.info()
-    metrics = result.metrics()
-    with ws.create_artifact("eval", f"eval-{teacher_id}", parents=[teacher_id, dataset_id],
-                            config={"model": teacher_id, "data": f"{dataset_id}/test.jsonl", "engine": info.name,
-                                    "decoding": "greedy", "max_new_tokens": 96, "limit": limit},
-                            metrics=metrics) as w:
-        with (w.path / "examples.jsonl").open("w", encoding="utf-8") as f:
-            for row in result.examples:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        eval_id = w.id
-    ws.update_metrics(teacher_id, {"exact_match": result.scores["exact_match"],
-                                   "json_valid": result.scores["json_valid"]})
-    engine.close()
-    text = _report(teacher_id, dataset_id, eval_id, info, result, latency)
-    student_id = comparison = None
-    if distill_steps > 0:
-        t = time.perf_counter()
-        student_id, comparison, section = _distill(ws, workdir, teacher_id, dataset_id, distill_steps, prompts,
-                                                   limit, progress, log)
-        timings["distill_s"] = time.perf_counter() - t
-        text += section
-    adapter_id = finetune = None
-    if finetune_steps > 0:
-        t = time.perf_counter()
-        adapter_id, finetune, section = _finetune(ws, workdir, student_id or teacher_id,
-                                                  "student" if student_id else "teacher", seed, finetune_steps,
-                                                  limit, progress, log)
-        timings["finetune_s"] = time.perf_counter() - t
-        text += section
-    exports = None
-    if export:
-        t = time.perf_counter()
-        model_id = student_id or teacher_id
-        exports, section = _export(ws, workdir, model_id, adapter_id, finetune, limit, log)
-        timings["export_s"] = time.perf_counter() - t
-        text += section
-    report = workdir / "report.md"
-    report.write_text(text, encoding="utf-8")
-    return QuickstartResult(workdir, report, teacher_id, dataset_id, eval_id, metrics, latency, timings,
-                            student_id, comparison, adapter_id, finetune, exports)
-
-
-def _export(ws: Workspace, workdir: Path, model_id: str, adapter_id: str | None, finetune: dict | None,
-            limit: int | None, log) -> tuple[dict, str]:
-    """Export the (fine-tuned) model to ONNX int4 and GGUF q4_k_m, with the adapter merged, each measured
-    against the torch model (size vs fp16, perplexity, KL, top-1 agreement, exact match)."""
-    from slmops.data import load_dataset_file
-    from slmops.export.parity import parity_table
-
-    if finetune is not None:
-        test = ws.resolve(finetune["data"]) / "test.jsonl"  # the new intents: what the adapter added
-    else:
-        test = next(ws.resolve(r["id"]) for r in ws.registry.list("dataset")) / "test.jsonl"
-    records = load_dataset_file(test).records[: limit or 100]
-    what = f"`{model_id}`" + (f" with adapter `{adapter_id}` merged" if adapter_id else "")
-    section = f"\n## Export: ONNX int4 and GGUF q4_k_m\n\nThe model {what}, measured against it on {len(records)} " \
-              f"examples of `{test.parent.name}/{test.name}`.\n"
-    out: dict = {}
+    pipe, _sets, skipped = quickstart_pipeline(ws, seed=seed, limit=limit, distill_steps=distill_steps,
+                                                prompts=prompts, finetune_steps=finetune_steps, export=export,
+                                                gguf=gguf, overrides=overrides)
+    by_reason: dict[str, list[str]] = {}
+    for name, why in skipped.items():
+        by_reason.setdefault(why, []).append(name)
+    for why, names in by_reason.items():
+        log(f"quickstart: not run ({why}): {', '.join(names)}")
+    log(f"pipeline {pipe.name} ({PIPELINE_FILE}): {len(pipe.steps)} steps, workspace {ws.root}")
+    gate_error = None
+    t0 = time.perf_counter()
     try:
-        from slmops.export.onnx import export_onnx
-
-        log("exporting to ONNX int4 (onnxruntime-genai builder)")
-        res = export_onnx(model_id, workdir / "export" / "onnx-int4", precision="int4", int4_block_size=128,
-                          adapter=adapter_id, adapter_mode="merge", force=True, workspace=ws, eval_records=records)
-        out["onnx-int4"] = {"artifact_id": res.artifact_id, "path": res.out_dir, **(res.parity.to_dict() if res.parity else {})}
-        section += f"\n### ONNX int4 (`{res.artifact_id}`, {res.out_dir})\n\n" + parity_table(res.parity) + "\n"
-    except Exception as exc:  # an optional stage: its failure is reported, not fatal
-        out["onnx-int4"] = {"error": f"{type(exc).__name__}: {exc}"}
-        section += f"\nONNX int4 export failed: {exc}\n"
-    try:
-        from slmops.export.gguf import export_gguf
-        from slmops.export.llamacpp import llama_cpp_available
-
-        if not llama_cpp_available():
-            raise RuntimeError("llama-cpp-python is not installed (`make llama-cpp` builds it)")
-        log("exporting to GGUF q4_k_m (llama.cpp converter and quantizer)")
-        eval_file = workdir / "export" / "eval.jsonl"
-        eval_file.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records))
-        adapter = str(ws.resolve(adapter_id)) if adapter_id else None
-        res = export_gguf(model_id, workdir / "export" / "model-q4_k_m.gguf", quant="q4_k_m", adapter=adapter,
-                          adapter_mode="merge", force=True, workspace=ws, eval_file=eval_file,
-                          eval_limit=len(records))
-        out["gguf-q4_k_m"] = {"artifact_id": res.artifact_id, "path": res.out,
-                              **(res.parity.to_dict() if res.parity else {})}
-        section += f"\n### GGUF q4_k_m (`{res.artifact_id}`, {res.out}; Ollama Modelfile beside it)\n\n" \
-                   + parity_table(res.parity) + "\n"
-    except Exception as exc:
-        out["gguf-q4_k_m"] = {"error": f"{type(exc).__name__}: {exc}"}
-        section += f"\nGGUF q4_k_m export skipped: {exc}\n"
-    return out, section
+        res = run_pipeline(pipe, ws, log=log, progress=progress)
+    except GateFailedError as exc:
+        gate_error = exc
+        res = run_pipeline(pipe, ws, dry_run=True)  # the outputs of the steps that finished
+        res.steps = [s for s in res.steps if s.action == "cached"]
+    outputs = {s.name: s.output for s in res.steps if s.output}
+    result = QuickstartResult(workdir, workdir / "report.md", workdir / "report.html", outputs,
+                              ran=res.ran if gate_error is None else [], cached=res.cached, skipped=skipped,
+                              seconds=time.perf_counter() - t0, gate_error=gate_error.message if gate_error else None)
+    log("writing the report")
+    write_quickstart_report(ws, result)
+    if gate_error is not None and raise_on_gate:
+        raise gate_error
+    return result
 
 
-def _finetune(ws: Workspace, workdir: Path, model_id: str, role: str, seed: int, steps: int, limit: int | None,
-              progress, log) -> tuple[str | None, dict, str]:
-    """LoRA-fine-tune `model_id` on the demo's `gifts` extension (two intents it has never seen, with a
-    quarter of replayed original-task data) and score it before/after on the new intents and the old task."""
-    from slmops.data import load_dataset_file
-    from slmops.demo.task import FinetuneSizes, write_finetune_data
-    from slmops.engines.torch_engine import TorchEngine
-    from slmops.evaluate import evaluate_engine
-    from slmops.finetune import FinetuneConfig, run_finetune
-
-    bar = progress or (lambda *a, **k: nullcontext(lambda *a, **k: None))
-    sizes = FinetuneSizes(train=1000, val=100, test=limit or 200, test_base=limit or 200)
-    files = write_finetune_data(workdir / "finetune-data", "gifts", seed=seed, sizes=sizes, replay=0.25)
-    folder = Path(files["train"]).parent
-    hashes = hash_folder(folder)
-    data_id = _find_same(ws, "dataset", "demo-gifts", hashes)
-    if data_id is None:
-        data_id = ws.import_folder(folder, "dataset", "demo-gifts",
-                                   config={"task": "gifts", "seed": seed, "replay": 0.25}).id
-    cfg = FinetuneConfig(model=model_id, data=data_id, method="lora", max_steps=steps, batch_size=16, lr=3e-3,
-                         lora={"r": 16, "alpha": 32, "dropout": 0.05}, eval_every=max(1, steps // 3),
-                         logging_steps=25, save_total_limit=1, seed=seed, name=f"{role}-lora-gifts")
-    log(f"fine-tuning: LoRA on the {role} for the new intents {', '.join(files['intents'])}, {steps} steps")
-    with bar(f"LoRA fine-tune of the {role}", total=steps) as advance:
-        report = run_finetune(cfg, workdir / "finetune", workspace=ws, progress=advance)
-    data = ws.resolve(data_id)
-    tests = {"new": load_dataset_file(data / "test.jsonl").records,
-             "base": load_dataset_file(data / "test_base.jsonl").records}
-    engine = TorchEngine(ws.resolve(model_id), adapters={"gifts": str(ws.resolve(report.artifact_id))})
-    scores: dict[str, dict[str, float]] = {"before": {}, "after": {}}
-    with bar("scoring before/after", total=2 * sum(len(r) for r in tests.values())) as advance:
-        for when, adapter in (("before", "base"), ("after", "gifts")):
-            for task, records in tests.items():
-                scores[when][task] = evaluate_engine(engine, records, adapter=adapter,
-                                                     progress=advance).scores["exact_match"]
-    engine.close()
-    ws.update_metrics(report.artifact_id, {"exact_match_new_task": scores["after"]["new"],
-                                           "exact_match_original_task": scores["after"]["base"]})
-    result = {"model_role": role, "model": model_id, "data": data_id, "intents": files["intents"],
-              "steps": report.steps, "trainable_parameters": report.trainable_parameters,
-              "parameters": report.parameters, "tokens_per_s": report.tokens_per_s, **scores}
-    section = (
-        f"\n## Fine-tuning: a LoRA adapter for new intents\n\n"
-        f"The {role} (`{model_id}`) never saw the intents {', '.join(f'`{i}`' for i in files['intents'])}. A LoRA "
-        f"adapter (`{report.artifact_id}`, {report.trainable_parameters:,} trainable parameters = "
-        f"{report.trainable_share:.1%} of {report.parameters:,}) trained {report.steps} steps on `{data_id}` "
-        f"(new intents plus 25% replayed original-task examples), at {report.tokens_per_s:,.0f} tokens/s.\n\n"
-        "| exact match | before (base) | after (base + adapter) |\n|---|---|---|\n"
-        f"| new intents ({len(tests['new'])} examples) | {scores['before']['new']:.4f} | {scores['after']['new']:.4f} |\n"
-        f"| original task ({len(tests['base'])} examples) | {scores['before']['base']:.4f} | "
-        f"{scores['after']['base']:.4f} |\n"
-    )
-    return report.artifact_id, result, section
+# --- the report ----------------------------------------------------------------------------------------------
 
 
-def _distill(ws: Workspace, workdir: Path, teacher_id: str, dataset_id: str, steps: int, prompts: int | None,
-             limit: int | None, progress, log) -> tuple[str | None, dict, str]:
-    from slmops.distill import FilterConfig
-    from slmops.distill.compare import comparison_markdown
-    from slmops.distill.run import run_distillation
-
-    data = ws.resolve(dataset_id)
-    prompt_file = data / "prompts.jsonl"
-    if prompts:
-        prompt_file = workdir / "prompts-subset.jsonl"
-        lines = (data / "prompts.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:prompts]
-        prompt_file.write_text("".join(lines), encoding="utf-8")
-    outcome = run_distillation(
-        teacher_id, prompt_file, workdir / "distill", workspace=ws, student_preset="demo-student",
-        test=data / "test.jsonl", filters=FilterConfig(json_valid=True), eval_limit=limit,
-        generation={"max_new_tokens": 96, "batch_size": 32},
-        training={"max_steps": steps, "batch_size": 32, "lr": 2e-3, "kd_alpha": 0.0,
-                  "max_length": 256, "val_fraction": 0.02, "logging_steps": 50, "save_total_limit": 1},
-        progress=progress, log=log,
-    )
-    section = ("\n## Distillation: teacher vs student\n\n"
-               f"The teacher labelled the unlabeled prompts ({outcome.filters['kept']} answers kept of "
-               f"{outcome.filters['total']}); a `demo-student` trained {steps} steps on them (sequence-level: it beat logit-level KD at equal steps in benchmarks/distill.py) "
-               f"(student `{outcome.student_id}`).\n\n" + comparison_markdown(outcome.comparison) + "\n")
-    return outcome.student_id, outcome.comparison, section
+def _pct(v: Any) -> str:
+    return f"{v:.1%}" if isinstance(v, int | float) else "–"
 
 
-def _report(teacher_id, dataset_id, eval_id, info, result, latency) -> str:
-    s = result.scores
-    lines = [
-        "# slmops quickstart report",
-        "",
-        f"Model `{teacher_id}` (engine {info.name}, {info.format} {info.precision}, "
-        f"{info.parameters:,} parameters, {info.bytes_on_disk / 1e6:.1f} MB on disk), "
-        f"evaluated on `{dataset_id}/test.jsonl` ({result.n} examples, greedy decoding). Eval artifact `{eval_id}`.",
-        "",
-        "## Task metrics",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    for k in ["exact_match", "json_valid", "field_accuracy"] + sorted(k for k in s if k.startswith("field.")):
-        if k in s:
-            lines.append(f"| {k} | {s[k]:.4f} |")
-    lines += [
-        "",
-        "## Speed (one request at a time, this machine)",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| median latency per answer | {latency['median_latency_s'] * 1000:.1f} ms |",
-        f"| median time to first token | {latency['median_ttft_s'] * 1000:.1f} ms |",
-        f"| median decode tokens/s | {latency['median_decode_tok_s']:.1f} |",
-        f"| batched answers/s | {result.answers_per_s:.1f} |",
-        "",
-    ]
-    wrong = [e for e in result.examples if not e["exact_match"]][:5]
-    if wrong:
-        lines += ["## Some misses", ""]
-        for e in wrong:
-            lines += [f"- prompt: {e['prompt']}", f"  - expected: `{e['reference']}`",
-                      f"  - got: `{e['prediction']}`"]
-        lines.append("")
-    return "\n".join(lines)
+def _ci(entry: dict | None, metric: str = "exact_match") -> str:
+    """``97.0% [95.3%, 98.3%]`` from a manifest's metrics.eval entry."""
+    if not entry or not isinstance(entry.get(metric), int | float):
+        return "–"
+    ci = entry.get(f"{metric}_ci")
+    s = _pct(entry[metric])
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(x, int | float) for x in ci):
+        s += f" [{ci[0]:.1%}, {ci[1]:.1%}]"
+    return s
+
+
+def _num(v: Any, fmt: str = ",.0f") -> str:
+    return format(v, fmt) if isinstance(v, int | float) else "–"
+
+
+class _Facts:
+    """What the summary reads: manifests of the variants, their eval entries, and the bench rows."""
+
+    def __init__(self, ws: Workspace, outputs: dict[str, str]):
+        self.ws = ws
+        self.ids = {step: outputs[step] for step in VARIANT_STEPS if step in outputs}
+        self.metrics = {step: ws.manifest(art).metrics for step, art in self.ids.items()}
+        self.bench: dict[str, dict[str, Any]] = {}
+        self.bench_file: Path | None = None
+        if "bench" in outputs:
+            f = ws.resolve(outputs["bench"]) / "bench.json"
+            if f.is_file():
+                self.bench_file = f
+                payload = json.loads(f.read_text(encoding="utf-8"))
+                by_art = {r.get("artifact"): r for r in payload.get("rows", [])}
+                self.bench = {step: by_art[art] for step, art in self.ids.items() if art in by_art}
+
+    def ev(self, step: str, data: str) -> dict | None:
+        e = (self.metrics.get(step) or {}).get("eval")
+        return e.get(data) if isinstance(e, dict) else None
+
+    def score(self, step: str, data: str, metric: str = "exact_match") -> float | None:
+        e = self.ev(step, data)
+        v = e.get(metric) if e else None
+        return v if isinstance(v, int | float) else None
+
+    def b(self, step: str, key: str) -> float | None:
+        v = self.bench.get(step, {}).get(key)
+        return v if isinstance(v, int | float) else None
+
+
+def write_quickstart_report(ws: Workspace, result: QuickstartResult) -> None:
+    """report.html (slmops.report over the five variants) and report.md (a short summary of each stage,
+    then the report's tables); fills `result.lines`."""
+    from slmops.report import build_report
+
+    f = _Facts(ws, result.outputs)
+    html = result.html_path
+    build_report(ws, html, artifacts=list(f.ids.values()), bench_files=[f.bench_file] if f.bench_file else [],
+                 use_workspace=True, title="slmops quickstart", markdown=result.report_path)
+    body = result.report_path.read_text(encoding="utf-8")
+    summary, lines = _summary(f, result)
+    result.lines = lines
+    cut = body.find("\n## ")
+    head, tail = (body[:cut + 1], body[cut + 1:]) if cut >= 0 else (body + "\n", "")
+    intro = ("The quickstart pipeline (`slmops/demo/quickstart.yaml`, also `examples/quickstart.yaml`) on the "
+             "bundled demo task and teacher; the summary first, then every table of the report. The same report "
+             f"with its plots (lineage, quality vs latency and size, tokens/s, memory): `{html.name}`.\n\n")
+    result.report_path.write_text(head + intro + summary + "\n" + tail, encoding="utf-8")
+
+
+def _summary(f: _Facts, r: QuickstartResult) -> tuple[str, list[str]]:
+    md: list[str] = []
+    lines: list[str] = []
+    o = r.outputs
+    # the pipeline
+    md += ["## Pipeline", "",
+           (f"Stopped at the gate after {len(r.cached)} finished steps" if r.gate_error else
+            f"{len(r.ran) + len(r.cached)} steps: {len(r.ran)} ran, {len(r.cached)} cached")
+           + (" (every step cached: nothing was recomputed)" if r.all_cached else "") + "."
+           + (" Not part of this run: " + "; ".join(f"`{k}` ({v})" for k, v in r.skipped.items()) + "."
+              if r.skipped else ""), ""]
+    if r.gate_error:
+        md += [f"**The gate failed**, nothing was promoted: {' '.join(r.gate_error.split())}", ""]
+    elif "promote" in o:
+        gates = f.metrics.get("export-onnx", {}).get("gates") or {}
+        checks = ", ".join(f"`{c.get('expr')}` ({c['value']:.3f}, {'pass' if c.get('passed') else 'FAIL'})"
+                           if isinstance(c.get("value"), int | float) else f"`{c.get('expr')}`"
+                           for c in gates.get("checks", [])) if isinstance(gates, dict) else ""
+        md += [f"Gate on the ONNX int4 model: {checks or 'passed'}; `{o['promote']}` promoted to production.", ""]
+    # teacher (and student)
+    t_ev = f.ev("teacher", BASE_DATA)
+    if t_ev:
+        lat, dec = f.b("teacher", "latency_s"), f.b("teacher", "decode_tok_s")
+        lines.append(f"teacher {o['teacher']} on {t_ev.get('n')} test examples: exact match {_pct(t_ev.get('exact_match'))}, "
+                     f"JSON valid {_pct(t_ev.get('json_valid'))}, field accuracy {_pct(t_ev.get('field_accuracy'))}"
+                     + (f"; median latency {lat * 1000:.0f} ms, decode {dec:.0f} tok/s" if lat and dec else ""))
+    if "distill" in f.ids:
+        t_em, s_em = f.score("teacher", BASE_DATA), f.score("distill", BASE_DATA)
+        t_p, s_p = f.metrics["teacher"].get("parameters"), f.metrics["distill"].get("parameters")
+        ratio = s_p / t_p if isinstance(s_p, int | float) and t_p else None
+        t_dec, s_dec = f.b("teacher", "decode_tok_s"), f.b("distill", "decode_tok_s")
+        speedup = s_dec / t_dec if s_dec and t_dec else None
+        retention = s_em / t_em if s_em is not None and t_em else None
+        md += ["## Distillation: teacher vs student", "",
+               f"The teacher labelled the unlabeled prompts ({f.metrics['distill'].get('train_rows', '?')} training "
+               f"rows kept); a `demo-student` trained {f.metrics['distill'].get('steps', '?')} steps on them "
+               "(sequence-level: it beat logit-level KD at equal steps in benchmarks/distill.py).", "",
+               f"| model | artifact | parameters | exact match on {BASE_DATA} [95% CI] | JSON valid | retention | "
+               "decode tokens/s | median latency |", "|---|---|---|---|---|---|---|---|"]
+        for step, name in (("teacher", "teacher"), ("distill", "student")):
+            em = f.score(step, BASE_DATA)
+            lat = f.b(step, "latency_s")
+            md.append(f"| {name} | `{f.ids[step]}` | {_num(f.metrics[step].get('parameters'))} | "
+                      f"{_ci(f.ev(step, BASE_DATA))} | {_pct(f.score(step, BASE_DATA, 'json_valid'))} | "
+                      f"{_pct(em / t_em) if em is not None and t_em else '–'} | {_num(f.b(step, 'decode_tok_s'), ',.1f')} | "
+                      f"{f'{lat * 1000:.1f} ms' if lat else '–'} |")
+        md += ["", f"The student has {_pct(ratio)} of the teacher's parameters"
+               + (f" and {speedup:.1f}x its decode tokens/s (bench, interleaved runs on this machine)" if speedup else "")
+               + ".", ""]
+        lines.append(f"student {f.ids['distill']}: exact match {_pct(s_em)} (retention {_pct(retention)}), "
+                     f"{_pct(ratio)} of the teacher's parameters" + (f", {speedup:.1f}x its decode tokens/s" if speedup else ""))
+    # fine-tuning
+    if "finetune" in f.ids:
+        base = "distill" if "distill" in f.ids else "teacher"
+        role = "student" if base == "distill" else "teacher"
+        fm = f.metrics["finetune"]
+        b_new, a_new = f.score(base, NEW_DATA), f.score("finetune", NEW_DATA)
+        b_base, a_base = f.score(base, BASE_DATA), f.score("finetune", BASE_DATA)
+        n_new = (f.ev("finetune", NEW_DATA) or {}).get("n", "?")
+        n_base = (f.ev("finetune", BASE_DATA) or {}).get("n", "?")
+        intents = "gift_card, price_match"
+        md += ["## Fine-tuning: a LoRA adapter for new intents", "",
+               f"The {role} (`{f.ids[base]}`) never saw the intents {intents}. A LoRA adapter (`{f.ids['finetune']}`, "
+               f"{_num(fm.get('trainable_parameters'))} trainable parameters = {_pct(fm.get('trainable_share'))} of "
+               f"{_num(fm.get('parameters'))}) trained {fm.get('steps', '?')} steps on the new intents plus 25% "
+               f"replayed original-task examples, at {_num(fm.get('tokens_per_s'))} tokens/s.", "",
+               f"| exact match [95% CI] | before ({role}) | after ({role} + adapter) |", "|---|---|---|",
+               f"| new intents ({n_new} examples of {NEW_DATA}) | {_ci(f.ev(base, NEW_DATA))} | "
+               f"{_ci(f.ev('finetune', NEW_DATA))} |",
+               f"| original task ({n_base} examples of {BASE_DATA}) | {_ci(f.ev(base, BASE_DATA))} | "
+               f"{_ci(f.ev('finetune', BASE_DATA))} |", ""]
+        lines.append(f"LoRA adapter {f.ids['finetune']} on the {role} for the new intents ({intents}): exact match "
+                     f"{_pct(b_new)} -> {_pct(a_new)} on them, {_pct(b_base)} -> {_pct(a_base)} on the original task")
+    # exports
+    exports = [s for s in ("export-onnx", "export-gguf") if s in f.ids]
+    if exports:
+        src = "fine-tuned model (adapter merged)" if "finetune" in f.ids else "model"
+        md += ["## Export: ONNX int4 and GGUF q4_k_m", "",
+               f"The {src} exported and measured against its source (parity on the new-intents data), then "
+               "evaluated like every other variant.", "",
+               f"| export | artifact | size | smaller than fp16 | exact match on {NEW_DATA} | exact match on "
+               f"{BASE_DATA} | parity: exact match kept | top-1 agreement | perplexity ratio |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        parts = []
+        for step in exports:
+            m = f.metrics[step]
+            par = m.get("parity") if isinstance(m.get("parity"), dict) else m
+            size = m.get("size_bytes") or m.get("bytes")
+            ratio = m.get("size_ratio_vs_fp16")
+            smaller = 1 - ratio if isinstance(ratio, int | float) else None
+            ret = par.get("exact_match_retention")
+            md.append(f"| {VARIANT_STEPS[step]} | `{f.ids[step]}` | {_num(size / 1e6 if size else None, '.2f')} MB | "
+                      f"{_pct(smaller)} | {_ci(f.ev(step, NEW_DATA))} | {_ci(f.ev(step, BASE_DATA))} | {_pct(ret)} | "
+                      f"{_pct(par.get('top1_agreement'))} | {_num(par.get('ppl_ratio'), '.3f')} |")
+            label = "onnx-int4" if step == "export-onnx" else "gguf-q4_k_m"
+            parts.append(f"{label} {_pct(smaller)} smaller than fp16" + (f", {ret:.1%} of the exact match kept"
+                                                                         if isinstance(ret, int | float) else ""))
+        md.append("")
+        lines.append("exports: " + "; ".join(parts))
+    if r.gate_error:
+        lines.append(f"gate FAILED, nothing promoted: {' '.join(r.gate_error.split())}")
+    elif "promote" in o:
+        lines.append(f"gate passed; {o['promote']} promoted to production")
+    return "\n".join(md) + "\n", lines

@@ -109,7 +109,22 @@ def test_the_quickstart_example_is_valid_and_covers_the_stages():
     kinds = {s.kind for s in pipe.steps}
     assert {"demo-data", "import", "generate", "distill", "finetune", "export", "eval", "gate", "promote"} <= kinds
     assert pipe.step("distill").deps == ["generate", "teacher"]
-    assert pipe.downstream("finetune") == {"export-onnx", "export-gguf", "eval", "gate", "promote"}
+    assert {"demo-data", "import", "generate", "distill", "finetune", "export", "eval", "bench", "gate",
+            "promote"} == kinds
+    assert pipe.downstream("finetune") == {"eval-finetuned", "eval-finetuned-new", "export-onnx", "export-gguf",
+                                           "eval-onnx", "eval-onnx-new", "eval-gguf", "eval-gguf-new", "bench",
+                                           "gate", "promote"}
+    # every variant is evaluated on the base task's test set, under a name of its own in the manifest
+    evals = [s for s in pipe.steps if s.kind == "eval"]
+    assert {s.inputs["model"].step for s in evals if s.options["data_name"] == "triage-test"} == {
+        "teacher", "distill", "finetune", "export-onnx", "export-gguf"}
+    assert pipe.step("bench").deps == ["distill", "teacher", "finetune", "export-onnx", "export-gguf"]
+    # a variant without the exports: what reads them goes too, optional inputs are dropped
+    part = pipe.variant({"export-onnx", "export-gguf"})
+    assert "gate" not in part.names and "eval-onnx" not in part.names
+    assert set(part.step("bench").inputs) == {"model", "baseline", "finetuned"}
+    rewired = pipe.variant({"generate", "distill", "eval-student"}, rewire={"distill": "teacher"})
+    assert rewired.step("finetune").inputs["model"].step == "teacher" and "distill" not in rewired.names
     tiny = load_pipeline(EXAMPLE, overrides=["vars.distill_steps=20", "finetune.lora.r=4"])
     assert tiny.step("distill").options["max_steps"] == 20 and tiny.step("finetune").options["lora"]["r"] == 4
 

@@ -72,10 +72,11 @@ class EvalData:
     texts: list[str] | None = None  # a .txt file: one text per non-empty line
     sources: list[str] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
+    label: str | None = None  # the name results are recorded under (default: the file's stem)
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        return self.label or self.path.stem
 
     @property
     def n(self) -> int:

@@ -92,6 +92,47 @@ class Pipeline:
             out |= frontier
         return out
 
+    def variant(self, skip: set[str] | list[str] = (), rewire: dict[str, str] | None = None) -> Pipeline:
+        """A copy without the steps in `skip`, for callers that run only part of a pipeline (the quickstart's
+        ``--no-export``). `rewire` first points inputs that read one step's output at another step's
+        (``{"distill": "teacher"}``: fine-tune the teacher instead of the student). A step that reads a
+        skipped step's output through an optional input loses that input; through a required one it is
+        skipped too, and so on downstream. Cache keys are unchanged: the variant shares its state with
+        the full pipeline, and an unchanged step stays cached across variants."""
+        rewire = dict(rewire or {})
+        known = set(self.names)
+        bad = sorted((set(skip) | set(rewire) | set(rewire.values())) - known)
+        if bad:
+            raise BadInputError(f"pipeline {self.name} has no step {', '.join(bad)}", f"steps: {', '.join(self.names)}")
+        dropped = set(skip)
+        steps: list[Step] = []
+        for s in self.steps:  # topological order: every dependency is decided before its dependents
+            if s.name in dropped:
+                continue
+            spec = KINDS[s.kind]
+            inputs: dict[str, InputValue] = {}
+            keep = True
+            for iname, iv in s.inputs.items():
+                if iv.step in rewire:
+                    new = rewire[iv.step]
+                    iv = InputValue(iv.name, "${steps." + new + ".output}" + iv.suffix, new, iv.suffix, None, iv.line)
+                if iv.step in dropped:
+                    required = spec.inputs.get(iname) is not None and spec.inputs[iname].required
+                    if required:
+                        keep = False
+                        break
+                    continue
+                inputs[iname] = iv
+            if not keep:
+                dropped.add(s.name)
+                continue
+            from_inputs = list(dict.fromkeys(iv.step for iv in inputs.values() if iv.step is not None))
+            old_from_inputs = {iv.step for iv in s.inputs.values() if iv.step is not None}
+            after = [d for d in s.deps if d not in old_from_inputs and d not in dropped]
+            steps.append(Step(s.name, s.kind, s.index, s.line, inputs, s.options, s.options_json,
+                              from_inputs + [d for d in after if d not in from_inputs]))
+        return Pipeline(self.name, self.path, self.base_dir, _topo_order(steps), dict(self.vars))
+
     def upstream(self, name: str) -> set[str]:
         out: set[str] = set()
         frontier = set(self.step(name).deps)
@@ -292,6 +333,8 @@ def load_pipeline(path: str | Path, *, overrides: list[str] | None = None, works
             ispec = kspec.inputs.get(iname)
             if ispec is None and kspec.extra.get("profile_inputs"):
                 ispec = InputSpec("ref", False, "the model of this blueprint profile")
+            if ispec is None and kspec.extra.get("model_inputs"):
+                ispec = InputSpec("ref", False, "one more model, measured beside the others")
             if ispec is None:
                 problems.add(iline, f"{label}: unknown input {iname!r} for kind {kind} (inputs: "
                              f"{', '.join(kspec.inputs) or 'none'})")

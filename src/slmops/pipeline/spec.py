@@ -171,6 +171,8 @@ class EvalOptions(StrictModel):
     confidence: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
     record: bool = Field(True, description="Also merge the scores into the model's manifest (metrics.eval).")
+    data_name: str | None = Field(None, description="The name the data goes by in the manifest (metrics.eval.NAME) "
+                                  "and the report (default: the file's stem; set it when two files share a stem).")
     name: str | None = Field(None, description="Eval artifact name (default: <pipeline>-<step>).")
 
 
@@ -313,7 +315,7 @@ def _kinds() -> dict[str, KindSpec]:
                  EvalOptions, deterministic="answers and scores yes (greedy); eval.json holds timings"),
         KindSpec("bench", "latency, throughput and memory (slmops bench)",
                  {"model": ref_model, "baseline": InputSpec("ref", False, "a second model, side by side")},
-                 BenchOptions, deterministic="no (timings)"),
+                 BenchOptions, deterministic="no (timings)", extra={"model_inputs": True}),
         KindSpec("gate", "quality gates over an eval step's scores; failing stops the pipeline (exit 3)",
                  {"eval": InputSpec("step", True, "${steps.NAME.output} of an eval step")},
                  GateOptions, deterministic="yes"),

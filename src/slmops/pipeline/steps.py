@@ -312,7 +312,13 @@ def run_eval(ctx: StepContext) -> StepOutput:
     def factory(desc: str, total: int | None):
         return ctx.bar(f"{ctx.step.name}: {desc}", total)
 
-    run = run_evaluation([model], ctx.inputs["data"], metrics=o.metrics, reference=ctx.inputs.get("reference"),
+    data: Any = ctx.inputs["data"]
+    if o.data_name:
+        from slmops.evaluate.suite import load_eval_data
+
+        data = load_eval_data(data, limit=o.limit)
+        data.label = o.data_name
+    run = run_evaluation([model], data, metrics=o.metrics, reference=ctx.inputs.get("reference"),
                          baseline=ctx.inputs.get("baseline"), workspace=ws, out=out, limit=o.limit,
                          max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, label_field=o.label_field,
                          resamples=o.resamples, confidence=o.confidence, seed=o.seed, record=o.record,
@@ -341,7 +347,11 @@ def run_bench(ctx: StepContext) -> StepOutput:
     from slmops.bench.run import run_bench as _run
 
     o = BenchOptions.model_validate(ctx.options)
-    models = [ctx.inputs["model"]] + ([ctx.inputs["baseline"]] if "baseline" in ctx.inputs else [])
+    # model first (ratios are model / each other one), then baseline, then any further model inputs;
+    # a model named twice is measured once
+    refs = [ctx.inputs["model"]] + ([ctx.inputs["baseline"]] if "baseline" in ctx.inputs else [])
+    refs += [v for k, v in ctx.inputs.items() if k not in ("model", "baseline")]
+    models = list(dict.fromkeys(refs))
     cfg = BenchConfig(models=models, prompt_tokens=o.prompt_tokens, max_new_tokens=o.max_new_tokens,
                       repeats=o.repeats, warmup=o.warmup, concurrency=o.concurrency, ignore_eos=o.ignore_eos,
                       memory=o.memory, threads=o.threads, seed=o.seed)
