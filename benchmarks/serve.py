@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.util
 import json
 import os
 import queue as queue_mod
@@ -56,6 +55,7 @@ from slmops.demo.task import generate as demo_examples  # noqa: E402
 from slmops.demo.teacher import BUNDLED_TEACHER_DIR  # noqa: E402
 
 THREADS = 2
+WAVE_CAP_S = 60.0  # a wave starts no new request after this long (a machine slowed down by other jobs)
 PYTHON = sys.executable
 CACHE = ROOT / "benchmarks" / ".cache" / "serve"
 DISTILL_STUDENT = ROOT / "benchmarks" / ".work" / "distill" / "base" / "student-seq"
@@ -98,17 +98,38 @@ def demo_student(cache: Path) -> Path:
     return out
 
 
+def qwen_shape(cache: Path) -> Path:
+    """The Qwen2.5-0.5B-shaped preset (real vocabulary size) with random weights and the demo tokenizer, as
+    benchmarks/export.py builds it, except that the (tied) embedding rows past the tokenizer's vocabulary are
+    zero: their logits are then 0 while the real tokens' are random around 0, so greedy decoding picks tokens the
+    tokenizer can print (streamed content, so a time to first token) instead of ids with no text. Same shape,
+    size and compute per token."""
+    import torch
+
+    from slmops.models.create import write_model_folder
+    from slmops.models.load import load_tokenizer
+    from slmops.models.presets import create_model
+
+    out = cache / "sources" / "qwen2.5-0.5b-shape"
+    if (out / "config.json").exists():
+        return out
+    tok = load_tokenizer(str(BUNDLED_TEACHER_DIR))
+    model = create_model("qwen2.5-0.5b-shape", seed=0)
+    for c in (model.config, model.generation_config):
+        c.eos_token_id, c.pad_token_id, c.bos_token_id = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
+    with torch.no_grad():
+        model.get_input_embeddings().weight[len(tok):] = 0.0
+    write_model_folder(model, tok, out)
+    return out
+
+
 def qwen_exports(cache: Path) -> tuple[Path, Path]:
-    """The Qwen2.5-0.5B-shaped preset (random weights, demo tokenizer; built as benchmarks/export.py does)
-    exported to int4 ONNX and q4_k_m GGUF. The 2 GB fp32 source is deleted once both exports exist."""
+    """`qwen_shape` exported to int4 ONNX and q4_k_m GGUF. The 2 GB fp32 source is deleted once both exist."""
     onnx_dir, gguf = cache / "qwen0.5b-onnx-int4", cache / "qwen0.5b-q4_k_m.gguf"
     if (onnx_dir / "genai_config.json").exists() and gguf.exists():
         return onnx_dir, gguf
-    spec = importlib.util.spec_from_file_location("export_benchmark", ROOT / "benchmarks" / "export.py")
-    export_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export_bench)
     log("building the Qwen2.5-0.5B-shaped preset (random weights)")
-    src = export_bench.qwen_shape(cache)
+    src = qwen_shape(cache)
     if not (onnx_dir / "genai_config.json").exists():
         from slmops.export.onnx import export_onnx
 
@@ -125,6 +146,8 @@ def qwen_exports(cache: Path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------ servers
 
+LIVE_SERVERS: dict[int, str] = {}  # pid -> name, for CPU accounting and clean-up
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -135,13 +158,16 @@ def free_port() -> int:
 class ServerProcess:
     """A server subprocess (its own process group), ready when GET `ready_path` answers 200."""
 
-    def __init__(self, argv: list[str], port: int, ready_path: str, log_file: Path, name: str):
+    def __init__(self, argv: list[str], port: int, ready_path: str, log_file: Path, name: str,
+                 env: dict[str, str] | None = None):
         self.port, self.name, self.log_file = port, name, log_file
         self.url = f"http://127.0.0.1:{port}"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_file.open("wb")
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                                     start_new_session=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})})
+        LIVE_SERVERS[self.proc.pid] = name
         try:
             self._wait_ready(ready_path)
         except BaseException:
@@ -187,22 +213,111 @@ class ServerProcess:
                 except ProcessLookupError:
                     pass
                 self.proc.wait(timeout=10)
+        LIVE_SERVERS.pop(self.proc.pid, None)
         self._log.close()
 
 
-def slmops_server(ref: Path, name: str, logs: Path, *extra: str) -> ServerProcess:
+def slmops_server(ref: Path, name: str, logs: Path, *extra: str, threads: int = THREADS,
+                  tag: str = "") -> ServerProcess:
     port = free_port()
-    argv = [PYTHON, "-m", "slmops", "-q", "serve", f"{ref}={name}", "--port", str(port), "--threads", str(THREADS),
+    argv = [PYTHON, "-m", "slmops", "-q", "serve", f"{ref}={name}", "--port", str(port), "--threads", str(threads),
             "--no-access-log", *extra]
-    return ServerProcess(argv, port, "/ready", logs / f"slmops-{name}.log", f"slmops ({name})")
+    return ServerProcess(argv, port, "/ready", logs / f"slmops-{name}{tag}.log", f"slmops ({name}{tag})")
 
 
 def llama_cpp_python_server(gguf: Path, name: str, logs: Path, n_ctx: int) -> ServerProcess:
     port = free_port()
     argv = [PYTHON, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name, "--host", "127.0.0.1",
             "--port", str(port), "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS),
-            "--n_ctx", str(n_ctx), "--n_batch", "512", "--verbose", "False"]
+            "--n_ctx", str(n_ctx), "--n_batch", "512", "--verbose", "False",
+            # its default cuts a running stream short when another request arrives: queue them instead, as
+            # slmops's llama.cpp engine does (one sequence at a time)
+            "--interrupt_requests", "False"]
     return ServerProcess(argv, port, "/v1/models", logs / f"llama-cpp-python-{name}.log", "llama-cpp-python")
+
+
+# ------------------------------------------------------------------------------------------ CPU accounting
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (every core), from /proc/stat."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK  # user nice system irq softirq steal
+
+
+class CpuMeter:
+    """CPU used during a wave by the measured side (a server process, or this process for in-process runs),
+    by this process as the client, and by everything else on the machine (other jobs: noise), in cores."""
+
+    def __init__(self, measured_pid: int | None):
+        self.measured = measured_pid
+
+    def __enter__(self) -> CpuMeter:
+        self.pids = list(LIVE_SERVERS)
+        self.t0, self.busy0, self.self0 = time.perf_counter(), machine_busy_s(), proc_cpu_s()
+        self.srv0 = {p: proc_cpu_s(p) for p in self.pids}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        me = proc_cpu_s() - self.self0
+        srv = {p: proc_cpu_s(p) - v for p, v in self.srv0.items()}
+        other = machine_busy_s() - self.busy0 - me - sum(srv.values())
+        measured = srv.get(self.measured, 0.0) if self.measured is not None else me
+        self.result = {"measured_cpu_s": measured, "client_cpu_s": me if self.measured is not None else None,
+                       "other_load_cores": round(max(0.0, other / wall), 3) if wall > 0 else 0.0}
+
+
+class NoiseGuard:
+    """This machine is shared: before a wave, wait (a little) for other jobs' CPU load to drop; re-run a wave
+    that other jobs disturbed (> `limit` cores of other load on average), keeping the least disturbed try.
+    Waiting is capped by a total budget so the benchmark's wall time stays bounded."""
+
+    def __init__(self, limit: float, retries: int, wait_budget_s: float, max_wave_s: float = 40.0):
+        self.limit, self.retries, self.budget, self.max_wave_s = limit, retries, wait_budget_s, max_wave_s
+        self.waited_s, self.reruns = 0.0, 0
+
+    def wait_quiet(self, max_s: float = 15.0) -> None:
+        t0 = time.perf_counter()
+        while self.waited_s < self.budget and time.perf_counter() - t0 < max_s:
+            with CpuMeter(None) as m:
+                time.sleep(0.5)
+            if m.result["other_load_cores"] < self.limit / 2:
+                break
+        self.waited_s += time.perf_counter() - t0
+
+    def run(self, fn, pid: int | None) -> dict:
+        tries = []
+        for _ in range(self.retries + 1):
+            self.wait_quiet()
+            with CpuMeter(pid) as meter:
+                res = fn()
+            tokens = res["completion_tokens"] or 1
+            m = meter.result
+            res.update({"cpu_ms_per_token": 1000 * m["measured_cpu_s"] / tokens,
+                        "client_cpu_ms_per_token": None if m["client_cpu_s"] is None
+                        else 1000 * m["client_cpu_s"] / tokens,
+                        "other_load_cores": m["other_load_cores"]})
+            tries.append(res)
+            if m["other_load_cores"] <= self.limit or self.waited_s >= self.budget or res["wall_s"] > self.max_wave_s:
+                break  # undisturbed, out of waiting budget, or too long to repeat: keep it, flagged by its load
+            self.reruns += 1
+        best = min(tries, key=lambda r: r["other_load_cores"])
+        best["tries"] = len(tries)
+        if len(tries) > 1:
+            best["discarded_tok_s"] = [round(r["tok_s"] or 0, 1) for r in tries if r is not best]
+        return best
 
 
 # ------------------------------------------------------------------------------------------ load generator
@@ -218,13 +333,15 @@ def quantile(xs: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def summarize(results: list[dict], wall: float, concurrency: int) -> dict:
+def summarize(results: list[dict], wall: float, concurrency: int, truncated: bool = False) -> dict:
+    """A wave's figures. `truncated`: the wave hit WAVE_CAP_S and stopped starting requests (a machine slowed
+    down by other jobs); its figures cover the requests it finished."""
     ok = [r for r in results if r.get("ok")]
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["ttft"] for r in ok if r.get("ttft") is not None]
     return {"concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
             "completion_tokens": tokens, "wall_s": wall, "tok_s": tokens / wall if wall > 0 else None,
-            "ttft_p50_s": quantile(ttft, 0.5), "ttft_p95_s": quantile(ttft, 0.95), "ttfts": ttft,
+            "ttft_p50_s": quantile(ttft, 0.5), "ttft_p95_s": quantile(ttft, 0.95), "ttfts": ttft, "truncated": truncated,
             **({"error_sample": next(r["error"] for r in results if not r.get("ok"))} if len(ok) < len(results)
                else {})}
 
@@ -252,20 +369,31 @@ async def _stream_chat(client, url: str, payload: dict) -> dict:
             if obj.get("usage"):
                 usage_tokens = obj["usage"].get("completion_tokens")
             for ch in obj.get("choices") or ():
-                content = (ch.get("delta") or {}).get("content")
+                delta = ch.get("delta") or {}
+                content = delta.get("content")
+                if content is not None and "role" not in delta:
+                    chunks += 1  # llama-cpp-python: one chunk per generated token, some empty (partial UTF-8)
                 if content:
-                    chunks += 1
                     text.append(content)
                     if ttft is None:
                         ttft = time.perf_counter() - t0
     if not done:
         return {"ok": False, "status": 200, "error": "stream ended without [DONE]"}
     return {"ok": True, "status": 200, "ttft": ttft, "tokens": usage_tokens if usage_tokens is not None else chunks,
-            "text": "".join(text), "latency": time.perf_counter() - t0}
+            "text": "".join(text)}
+
+
+async def _plain_chat(client, url: str, payload: dict) -> dict:
+    r = await client.post(url + "/v1/chat/completions", json=payload)
+    if r.status_code != 200:
+        return {"ok": False, "status": r.status_code, "error": f"HTTP {r.status_code}: {r.text[:300]!r}"}
+    body = r.json()
+    return {"ok": True, "status": 200, "ttft": None, "tokens": body["usage"]["completion_tokens"],
+            "text": body["choices"][0]["message"]["content"]}
 
 
 async def _http_wave(url: str, model: str, prompts: list[list[dict]], concurrency: int, n: int,
-                     max_tokens: int) -> dict:
+                     max_tokens: int, stream: bool, extra: dict | None = None) -> dict:
     import httpx2 as httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -275,35 +403,49 @@ async def _http_wave(url: str, model: str, prompts: list[list[dict]], concurrenc
 
         async def worker() -> None:
             for i in todo:
+                if time.perf_counter() > deadline:
+                    truncated.append(i)
+                    continue
                 payload = {"model": model, "messages": prompts[i % len(prompts)], "max_tokens": max_tokens,
-                           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                           "temperature": 0, **(extra or {})}
                 try:
-                    results.append(await _stream_chat(client, url, payload))
+                    if stream:
+                        payload.update(stream=True, stream_options={"include_usage": True})
+                        results.append(await _stream_chat(client, url, payload))
+                    else:
+                        results.append(await _plain_chat(client, url, payload))
                 except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
                     results.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
+        truncated: list[int] = []
         t0 = time.perf_counter()
+        deadline = t0 + WAVE_CAP_S
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return summarize(results, wall, concurrency)
+    return summarize(results, wall, concurrency, truncated=bool(truncated))
 
 
-def http_wave(server: ServerProcess, model: str, prompts, concurrency: int, n: int, max_tokens: int) -> dict:
-    return asyncio.run(_http_wave(server.url, model, prompts, concurrency, n, max_tokens))
+def http_wave(server: ServerProcess, model: str, prompts, concurrency: int, n: int, max_tokens: int,
+              stream: bool = True, extra: dict | None = None) -> dict:
+    return asyncio.run(_http_wave(server.url, model, prompts, concurrency, n, max_tokens, stream, extra))
 
 
-def inproc_wave(engine, prompts, concurrency: int, n: int, max_tokens: int) -> dict:
+def inproc_wave(engine, prompts, concurrency: int, n: int, max_tokens: int, scheduler: bool | None = None) -> dict:
     """The engine with no HTTP: `engine.stream` one request at a time at concurrency 1, else the server's
-    Scheduler (same batch size and queue as `slmops serve`'s defaults) with `concurrency` requests in flight."""
+    Scheduler (the batch size and queue of `slmops serve`'s defaults) with `concurrency` requests in flight
+    (`scheduler=True` uses it at concurrency 1 too)."""
     from slmops.engines import GenerationRequest
 
     def request(i: int) -> GenerationRequest:
         return GenerationRequest(messages=prompts[i % len(prompts)], max_new_tokens=max_tokens, temperature=0.0)
 
     results: list[dict] = []
-    t0 = time.perf_counter()
-    if concurrency == 1:
+    total = n
+    if not (scheduler if scheduler is not None else concurrency > 1):
+        t0 = time.perf_counter()
         for i in range(n):
+            if time.perf_counter() - t0 > WAVE_CAP_S:
+                return summarize(results, time.perf_counter() - t0, concurrency, truncated=True)
             ts = time.perf_counter()
             ttft, tokens = None, 0
             for ev in engine.stream(request(i)):
@@ -311,7 +453,7 @@ def inproc_wave(engine, prompts, concurrency: int, n: int, max_tokens: int) -> d
                     ttft = time.perf_counter() - ts
                 tokens = ev.completion_tokens
             results.append({"ok": True, "ttft": ttft, "tokens": tokens})
-        return summarize(results, time.perf_counter() - t0, 1)
+        return summarize(results, time.perf_counter() - t0, concurrency)
 
     from slmops.serve.scheduler import Scheduler
 
@@ -342,66 +484,83 @@ def inproc_wave(engine, prompts, concurrency: int, n: int, max_tokens: int) -> d
             else:
                 results.append({"ok": True, "ttft": s["ttft"], "tokens": s["tokens"]})
             done += 1
+            if nxt < n and time.perf_counter() - t0 > WAVE_CAP_S:
+                n = nxt  # stop starting requests; finish those in flight
             if nxt < n:
                 submit(nxt)
                 nxt += 1
         wall = time.perf_counter() - t0
     finally:
         sched.close()
-    return summarize(results, wall, concurrency)
+    return summarize(results, wall, concurrency, truncated=n < total)
 
 
 # ------------------------------------------------------------------------------------------ measurement
 
 
-def measure_engine(spec: dict, prompts, arms: dict[str, Any], rounds: int, levels: list[int]) -> list[dict]:
-    """Rows for one engine: `arms` maps server kind ("slmops", "in-process", "llama-cpp-python") to a running
-    ServerProcess or an open engine. Concurrency 1: `rounds` interleaved rounds (order alternating), medians
-    of tok/s, TTFT percentiles over every request of the rounds; higher concurrency: one wave per arm."""
-    max_tokens, name = spec["max_tokens"], spec["served_name"]
+class Arm:
+    """One way of serving the engine: `run(concurrency, n)` -> wave result; `pid` is the server process whose CPU
+    is the measured side (None: this process, in-process runs); `levels` the concurrencies it runs at;
+    diagnostic arms go to `diagnostics`, not to the results rows."""
 
-    def wave(kind: str, c: int, n: int) -> dict:
-        arm = arms[kind]
-        if kind == "in-process":
-            return inproc_wave(arm, prompts, c, n, max_tokens)
-        return http_wave(arm, name, prompts, c, n, max_tokens)
+    def __init__(self, server: str, run, pid: int | None = None, levels: tuple[int, ...] = (1, 4, 16),
+                 diagnostic: bool = False):
+        self.server, self.run, self.pid, self.levels, self.diagnostic = server, run, pid, levels, diagnostic
 
-    for kind in arms:  # warm-up: load, first-call costs, connection set-up
-        wave(kind, 1, 2)
+
+def measure_engine(spec: dict, arms: list[Arm], rounds: int, guard: NoiseGuard) -> list[dict]:
+    """Rows for one engine. Concurrency 1: `rounds` interleaved rounds over every arm (the order reversed every
+    other round): median tok/s, TTFT percentiles over every request of the rounds. Higher concurrency: one wave
+    per arm. Every wave is watched by `guard`."""
+
+    def wave(arm: Arm, c: int, n: int) -> dict:
+        return guard.run(lambda: arm.run(c, n), arm.pid)
+
+    def show(arm: Arm, c: int, res: dict, label: str) -> None:
+        log(f"  {label:<10s} {arm.server:27s} {res['tok_s'] or 0:8.1f} tok/s  ttft p50 "
+            f"{_fmt(res['ttft_p50_s'], '.4f')} p95 {_fmt(res['ttft_p95_s'], '.4f')} s  "
+            f"cpu {res['cpu_ms_per_token']:.2f} ms/tok  other load {res['other_load_cores']:.2f}"
+            + (f" (tries {res['tries']})" if res.get("tries", 1) > 1 else "")
+            + (f" TRUNCATED at {WAVE_CAP_S:.0f} s: {res['requests']} requests" if res.get("truncated") else "")
+            + (f"  ERRORS {res['errors']}: {res.get('error_sample')}" if res["errors"] else ""))
+
+    for arm in arms:  # warm-up: first-call costs, connection set-up
+        arm.run(1, 2)
     rows = []
-    n1 = spec["requests"][1]
-    per_round: dict[str, list[dict]] = {k: [] for k in arms}
-    order = list(arms)
+    base = {"engine": spec["engine"], "model": spec["model"], "max_tokens": spec["max_tokens"]}
+    first = [a for a in arms if 1 in a.levels]
+    per_round: dict[str, list[dict]] = {a.server: [] for a in first}
     for r in range(rounds):
-        for kind in (order if r % 2 == 0 else order[::-1]):
-            res = wave(kind, 1, n1)
-            per_round[kind].append(res)
-            log(f"  c=1 round {r + 1} {kind:17s} {res['tok_s']:8.1f} tok/s  ttft p50 {res['ttft_p50_s']:.4f} s"
-                + (f"  ERRORS {res['errors']}: {res.get('error_sample')}" if res["errors"] else ""))
-    for kind, waves in per_round.items():
+        for arm in (first if r % 2 == 0 else first[::-1]):
+            res = wave(arm, 1, spec["requests"][1])
+            per_round[arm.server].append(res)
+            show(arm, 1, res, f"c=1 r{r + 1}")
+    for arm in first:
+        waves = per_round[arm.server]
         ttfts = [t for w in waves for t in w["ttfts"]]  # every request of every round
-        rows.append({"engine": spec["engine"], "model": spec["model"], "server": kind, "concurrency": 1,
+        rows.append({**base, "server": arm.server, "concurrency": 1, "diagnostic": arm.diagnostic,
                      "tok_s": statistics.median(w["tok_s"] for w in waves),
                      "tok_s_rounds": [round(w["tok_s"], 2) for w in waves],
                      "ttft_p50_s": quantile(ttfts, 0.5), "ttft_p95_s": quantile(ttfts, 0.95),
                      "requests": sum(w["requests"] for w in waves), "errors": sum(w["errors"] for w in waves),
-                     "completion_tokens": sum(w["completion_tokens"] for w in waves), "max_tokens": max_tokens,
-                     "rounds": rounds})
-    for c in levels:
-        if c == 1:
-            continue
-        for kind in order:
-            res = wave(kind, c, spec["requests"][c])
-            log(f"  c={c:<2d} {kind:17s} {res['tok_s']:8.1f} tok/s  ttft p50 {res['ttft_p50_s']:.4f} s  "
-                f"p95 {res['ttft_p95_s']:.4f} s" + (f"  ERRORS {res['errors']}: {res.get('error_sample')}"
-                                                    if res["errors"] else ""))
-            rows.append({"engine": spec["engine"], "model": spec["model"], "server": kind, **res,
-                         "max_tokens": max_tokens, "rounds": 1})
+                     "completion_tokens": sum(w["completion_tokens"] for w in waves), "rounds": rounds,
+                     "cpu_ms_per_token": statistics.median(w["cpu_ms_per_token"] for w in waves),
+                     "client_cpu_ms_per_token": None if waves[0]["client_cpu_ms_per_token"] is None
+                     else statistics.median(w["client_cpu_ms_per_token"] for w in waves),
+                     "other_load_cores": max(w["other_load_cores"] for w in waves),
+                     "tries": sum(w["tries"] for w in waves), "truncated": any(w["truncated"] for w in waves)})
+    for c in sorted({c for a in arms for c in a.levels} - {1}):
+        for arm in arms:
+            if c in arm.levels:
+                res = wave(arm, c, spec["requests"][c])
+                show(arm, c, res, f"c={c}")
+                rows.append({**base, "server": arm.server, "diagnostic": arm.diagnostic, **res, "rounds": 1})
     inproc = {r["concurrency"]: r["tok_s"] for r in rows if r["server"] == "in-process"}
     for r in rows:
         if r["server"] != "in-process" and inproc.get(r["concurrency"]):
             r["overhead_vs_in_process"] = 1 - r["tok_s"] / inproc[r["concurrency"]]
-        r.pop("ttfts", None)
+        for k in ("ttfts", "wall_s"):
+            r.pop(k, None)
     return rows
 
 
@@ -542,6 +701,65 @@ def soak(student: Path, logs: Path, prompts, total: int, max_body: int = 65536) 
         server.stop()
 
 
+def run_engine(spec: dict, prompts, logs: Path, guard: NoiseGuard, quick: bool) -> tuple[list[dict], dict]:
+    """Start the engine's server(s) and open it in-process, measure every arm; (rows, server start-up seconds)."""
+    import torch
+
+    from slmops.engines import open_engine
+
+    log(f"{spec['engine']}: {spec['model']} ({spec['ref'].relative_to(ROOT)})")
+    servers: list[ServerProcess] = []
+    engine = None
+    name, mt = spec["served_name"], spec["max_tokens"]
+
+    def via_http(srv: ServerProcess, stream: bool = True, extra: dict | None = None):
+        return lambda c, n: http_wave(srv, name, prompts, c, n, mt, stream, extra)
+
+    def inproc(scheduler: bool | None = None, threads: int = THREADS):
+        def run(c: int, n: int) -> dict:
+            torch.set_num_threads(threads)
+            try:
+                return inproc_wave(engine, prompts, c, n, mt, scheduler)
+            finally:
+                torch.set_num_threads(THREADS)
+        return run
+
+    try:
+        servers.append(slmops_server(spec["ref"], name, logs))
+        main_srv = servers[-1]
+        engine = open_engine(str(spec["ref"]), threads=THREADS)
+        arms = [Arm("slmops", via_http(main_srv), main_srv.proc.pid), Arm("in-process", inproc())]
+        if spec["key"] == "llama.cpp":
+            servers.append(llama_cpp_python_server(spec["ref"], name, logs, engine.n_ctx))
+            # its sampling defaults include repeat_penalty 1.1 (and top_k 40): plain greedy like the others
+            arms.append(Arm("llama-cpp-python", via_http(servers[-1], extra={"repeat_penalty": 1.0, "top_k": 0}),
+                            servers[-1].proc.pid))
+        if spec["key"] == "torch" and not quick:
+            # what the server's cost at concurrency 1 is made of: the scheduler's decode path without HTTP,
+            # HTTP without per-token SSE, and 1 torch thread (2 torch threads + the event loop + the client
+            # oversubscribe 2 cores)
+            servers.append(slmops_server(spec["ref"], name, logs, threads=1, tag="-1thread"))
+            one = servers[-1]
+            arms += [Arm("in-process (Scheduler)", inproc(scheduler=True), levels=(1,), diagnostic=True),
+                     Arm("slmops (non-streaming)", via_http(main_srv, stream=False), main_srv.proc.pid,
+                         levels=(1, 16), diagnostic=True),
+                     Arm("slmops (--threads 1)", via_http(one), one.proc.pid, levels=(1, 16), diagnostic=True),
+                     Arm("in-process (1 thread)", inproc(threads=1), levels=(1, 16), diagnostic=True)]
+        started = {srv.name: round(srv.start_s, 1) for srv in servers}
+        rows = measure_engine(spec, arms, rounds=spec["rounds"], guard=guard)
+        for r in rows:
+            arm = next((a for a in arms if a.server == r["server"]), None)
+            if arm is not None and arm.pid:
+                r["server_rss_mb"] = round(next(x for x in servers if x.proc.pid == arm.pid).rss_mb(), 1)
+        return rows, started
+    finally:
+        for srv in servers:
+            srv.stop()
+        if engine is not None:
+            engine.close()
+        gc.collect()
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -561,6 +779,7 @@ def main() -> None:
     rounds = args.rounds or (1 if quick else 3)
     levels = [1, 4, 16]
     t_all = time.perf_counter()
+    load_start = Path("/proc/loadavg").read_text().split()[:3]
     if args.fresh:
         shutil.rmtree(CACHE, ignore_errors=True)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -575,50 +794,37 @@ def main() -> None:
     specs = []
     if "torch" in wanted:
         specs.append({"key": "torch", "engine": "torch", "model": "demo-student", "served_name": "demo-student",
-                      "ref": student, "max_tokens": 48,
+                      "ref": student, "max_tokens": 48, "rounds": rounds,
                       "requests": {1: 8, 4: 16, 16: 32} if quick else {1: 16, 4: 32, 16: 64}})
     if wanted & {"ort-genai", "llama.cpp"}:
         onnx_dir, gguf = qwen_exports(CACHE)
         small = {1: 2, 4: 4, 16: 16} if quick else {1: 4, 4: 8, 16: 16}
         if "ort-genai" in wanted:
             specs.append({"key": "ort-genai", "engine": "ort-genai", "model": "qwen2.5-0.5b-shape int4 (ONNX)",
-                          "served_name": "qwen-int4", "ref": onnx_dir, "max_tokens": 32, "requests": small})
+                          "served_name": "qwen-int4", "ref": onnx_dir, "max_tokens": 32, "requests": small,
+                          "rounds": rounds})
         if "llama.cpp" in wanted:
             specs.append({"key": "llama.cpp", "engine": "llama.cpp", "model": "qwen2.5-0.5b-shape q4_k_m (GGUF)",
-                          "served_name": "qwen-q4km", "ref": gguf, "max_tokens": 32, "requests": small})
+                          "served_name": "qwen-q4km", "ref": gguf, "max_tokens": 32, "requests": small,
+                          "rounds": rounds})
 
-    from slmops.engines import open_engine
-
+    global WAVE_CAP_S
+    WAVE_CAP_S = 30.0 if quick else 60.0
+    guard = NoiseGuard(limit=0.3, retries=0 if quick else 2, wait_budget_s=10 if quick else 120)
     rows: list[dict] = []
     servers_info: dict[str, float] = {}
+    errors = {}
     for spec in specs:
-        log(f"{spec['engine']}: {spec['model']} ({spec['ref'].relative_to(ROOT)})")
-        servers: list[ServerProcess] = []
-        engine = None
         try:
-            servers.append(slmops_server(spec["ref"], spec["served_name"], logs))
-            arms: dict[str, Any] = {"slmops": servers[-1]}
-            engine = open_engine(str(spec["ref"]), threads=THREADS)
-            arms["in-process"] = engine
-            if spec["key"] == "llama.cpp":
-                servers.append(llama_cpp_python_server(spec["ref"], spec["served_name"], logs, engine.n_ctx))
-                arms["llama-cpp-python"] = servers[-1]
-            for s in servers:
-                servers_info[f"{s.name} start_s"] = round(s.start_s, 1)
-            engine_rows = measure_engine(spec, prompts, arms, rounds, levels)
-            for s in servers:
-                engine_rows_rss = round(s.rss_mb(), 1)
-                for r in engine_rows:
-                    if (r["server"] == "slmops" and s.name.startswith("slmops")) or r["server"] == s.name:
-                        r["server_rss_mb"] = engine_rows_rss
-            rows.extend(engine_rows)
-        finally:
-            for s in servers:
-                s.stop()
-            if engine is not None:
-                engine.close()
-            del engine
-            gc.collect()
+            engine_rows, started = run_engine(spec, prompts, logs, guard, quick)
+        except Exception as exc:  # noqa: BLE001 - a failed engine is reported, the others still run
+            log(f"  {spec['engine']} FAILED: {type(exc).__name__}: {exc}")
+            errors[spec["engine"]] = f"{type(exc).__name__}: {exc}"
+            continue
+        rows.extend(engine_rows)
+        servers_info.update(started)
+    diagnostics = [r for r in rows if r.pop("diagnostic")]
+    rows = [r for r in rows if r not in diagnostics]
 
     def row(engine: str, server: str, c: int) -> dict:
         return next((r for r in rows if (r["engine"], r["server"], r["concurrency"]) == (engine, server, c)), {})
@@ -635,6 +841,13 @@ def main() -> None:
     s1, s16 = row("torch", "slmops", 1).get("tok_s"), row("torch", "slmops", 16).get("tok_s")
     scaling = s16 / s1 if s1 and s16 else None
     i1, i16 = row("torch", "in-process", 1).get("tok_s"), row("torch", "in-process", 16).get("tok_s")
+    sched1 = next((r["tok_s"] for r in diagnostics if r["server"] == "in-process (Scheduler)"), None)
+    decomposition = {
+        # the same split of the demo student's concurrency-1 overhead: the scheduler's decode path (a worker
+        # thread handing every token to another thread) without HTTP, then HTTP + server-sent events on top
+        "scheduler_path_vs_engine_stream": 1 - sched1 / i1 if sched1 and i1 else None,
+        "server_vs_in_process_scheduler": 1 - s1 / sched1 if sched1 and s1 else None,
+    } if sched1 else None
 
     soak_res = None
     if not args.no_soak and soak_requests > 0:
@@ -659,7 +872,8 @@ def main() -> None:
         "server_overhead_c1": overhead, "server_overhead_c1_by_engine": by_engine,
         "scaling_c16_over_c1": scaling,
         "scaling_c16_over_c1_in_process": i16 / i1 if i1 and i16 else None,
-        "targets": targets, "rows": rows, "soak": soak_res,
+        "server_overhead_c1_decomposition": decomposition,
+        "targets": targets, "rows": rows, "diagnostics": diagnostics, "soak": soak_res, "engine_errors": errors,
         "settings": {"threads": THREADS, "rounds_c1": rounds, "levels": levels,
                      "requests": {s["engine"]: s["requests"] for s in specs},
                      "max_tokens": {s["engine"]: s["max_tokens"] for s in specs},
@@ -668,6 +882,9 @@ def main() -> None:
         "models": {s["engine"]: str(s["ref"].relative_to(ROOT)) for s in specs},
         "student_source": (student / "SOURCE").read_text().strip() if (student / "SOURCE").exists() else None,
         "server_start_s": servers_info,
+        "noise_guard": {"other_load_limit_cores": guard.limit, "max_reruns_per_wave": guard.retries,
+                        "reruns": guard.reruns, "waited_for_quiet_s": round(guard.waited_s, 1)},
+        "loadavg_start": load_start, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
         "wall_s": round(time.perf_counter() - t_all, 1),
     }
     for k, v in targets.items():
@@ -683,13 +900,26 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 def write_md_and_json(payload: dict, out: Path) -> None:
     rows = payload["rows"]
     cols = ["engine", "model", "server", "concurrency", "requests", "tok_s", "ttft_p50_s", "ttft_p95_s",
-            "overhead_vs_in_process", "errors"]
+            "overhead_vs_in_process", "cpu_ms_per_token", "client_cpu_ms_per_token", "other_load_cores", "tries",
+            "truncated", "errors"]
     s = payload["settings"]
+    g = payload["noise_guard"]
     md = (f"Streaming chat requests (temperature 0, fixed max_tokens: {s['max_tokens']}) from an asyncio client in "
           f"another process; every engine with {s['threads']} threads. tok_s = completion tokens of the wave / its "
           f"wall time; TTFT = time to the first content chunk. Concurrency 1: {s['rounds_c1']} interleaved rounds "
           "(medians); in-process = the same engine with no HTTP (`engine.stream` at 1, the server's Scheduler at "
-          "4 and 16).\n\n" + markdown_table(rows, cols) + "\n")
+          "4 and 16). cpu_ms_per_token: CPU of the measured side (the server process, or the engine in-process) "
+          "per generated token; client_cpu_ms_per_token: the load generator's. other_load_cores: CPU used by "
+          "other jobs on this shared machine during the wave (the worst round at concurrency 1); waves with "
+          f"more than {g['other_load_limit_cores']} cores of it were re-run up to {g['max_reruns_per_wave']} times "
+          f"(`tries`; {g['reruns']} re-runs in all, {g['waited_for_quiet_s']} s spent waiting for a quiet "
+          "machine).\n\n" + markdown_table(rows, cols) + "\n")
+    if payload.get("diagnostics"):
+        md += ("\n## Diagnostics (demo student): where the server's time goes\n\n"
+               "in-process (Scheduler): the server's decode path (continuous batching) without HTTP; slmops "
+               "(non-streaming): HTTP without per-token server-sent events; slmops (--threads 1) and in-process "
+               "(1 thread): one torch thread instead of two. Interleaved with the rows above at concurrency 1.\n\n"
+               + markdown_table(payload["diagnostics"], cols) + "\n")
     by = payload["server_overhead_c1_by_engine"]
     md += ("## Headline figures\n\n"
            f"- server_overhead_c1 (demo student, torch): **{_fmt(payload['server_overhead_c1'], '.1%')}** "
@@ -698,6 +928,11 @@ def write_md_and_json(payload: dict, out: Path) -> None:
            f" (target >= 2.5x; in-process {_fmt(payload['scaling_c16_over_c1_in_process'], '.2f')}x)\n"
            "- server overhead at concurrency 1 by engine: "
            + ", ".join(f"{k}: {_fmt(v, '.1%')}" for k, v in by.items()) + "\n")
+    dec = payload.get("server_overhead_c1_decomposition")
+    if dec:
+        md += ("- the demo student's concurrency-1 overhead split: the scheduler's decode path vs `engine.stream`, "
+               f"both in-process: {_fmt(dec['scheduler_path_vs_engine_stream'], '.1%')}; the server (HTTP + SSE) vs "
+               f"that in-process Scheduler: {_fmt(dec['server_vs_in_process_scheduler'], '.1%')}\n")
     soak_res = payload.get("soak")
     if soak_res:
         md += ("\n## Soak\n\n"
@@ -711,7 +946,8 @@ def write_md_and_json(payload: dict, out: Path) -> None:
                f"{soak_res['429']} | {soak_res['rss_mb_after_warmup']} | {soak_res['rss_mb_end']} | "
                f"{soak_res['rss_growth']:+.2%} | {soak_res['req_per_s']} |\n\n"
                f"RSS trace (requests, MB): {soak_res['rss_trace_mb']}\n")
-    md += "\nTargets: " + json.dumps(payload["targets"], indent=1) + f"\n\nWall time: {payload['wall_s']:.0f} s\n"
+    md += ("\nTargets: " + json.dumps(payload["targets"], indent=1) + f"\n\nWall time: {payload['wall_s']:.0f} s; "
+           f"load average at start {' '.join(payload['loadavg_start'])}, at end {' '.join(payload['loadavg_end'])}\n")
     jpath, mpath = write_results("serve", payload, md, out)
     log(f"wrote {jpath} and {mpath}")
 

@@ -115,14 +115,13 @@ def serve(
         typer.echo(f"listen on http://{host}:{port}/v1 (auth: {'api key' if api_key else 'none'})")
         return
     import logging
+    import sys
 
     import uvicorn
 
     from slmops.serve.app import ServerConfig, create_app
     from slmops.serve.capture import load_redactor
     from slmops.serve.manager import ModelManager
-
-    import sys
 
     # the engine's worker thread and the event loop share the GIL: hand it over more often than every 5 ms,
     # so a token's server-side work (SSE, metrics) does not hold the next decode step back
