@@ -5,21 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
+
+from ..support.server import free_port  # noqa: F401  (used by the rollout tests through this module)
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 PROFILES = ("cpu-avx2-8gb", "cpu-arm-4gb")
 SMOKE_TOKENS = 6
 PROMPTS = ["Where is my order 1234?", "I want a refund", "hello"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
