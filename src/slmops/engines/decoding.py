@@ -79,6 +79,29 @@ def json_allowed(row: Row, logits, piece, is_eos, candidates: int = 1024) -> lis
     return allowed_tokens(row.text, (int(t) for t in ranked), piece, is_eos)
 
 
+class JsonMode:
+    """Mixin for engines: JSON-mode token filtering (see `engines.constraints`). The engine defines
+    `_decode_one(token_id) -> str` (one token's text) and `_is_eos(token_id) -> bool`."""
+
+    def _decode_one(self, token_id: int) -> str:  # pragma: no cover - each engine defines it
+        raise NotImplementedError
+
+    def _is_eos(self, token_id: int) -> bool:  # pragma: no cover - each engine defines it
+        raise NotImplementedError
+
+    def _piece(self, token_id: int) -> str:
+        """One token's text, memoised (JSON mode checks many candidates per step)."""
+        pieces = self.__dict__.setdefault("_pieces", {})
+        if token_id not in pieces:
+            pieces[token_id] = self._decode_one(token_id)
+        return pieces[token_id]
+
+    def _allowed(self, row: Row, logits) -> list[int] | None:
+        """JSON mode: the tokens (numpy `logits` ranked) that keep the row a valid JSON-object prefix; None
+        when the request is not in JSON mode."""
+        return json_allowed(row, logits, self._piece, self._is_eos) if row.request.json_mode else None
+
+
 def json_done(row: Row) -> bool:
     """True when a JSON-mode row's text is one complete JSON object (the answer ends there)."""
     from slmops.engines.constraints import COMPLETE, json_prefix_state
@@ -159,5 +182,5 @@ def pick_token(request: GenerationRequest, logits, rng, generated: list[int] | N
     return tok, float(logp[tok])
 
 
-__all__ = ["Row", "group_by_adapter", "json_allowed", "json_done", "log_softmax", "penalty_counts", "pick_token", "row_result", "step_event",
+__all__ = ["JsonMode", "Row", "group_by_adapter", "json_allowed", "json_done", "log_softmax", "penalty_counts", "pick_token", "row_result", "step_event",
            "stream_events"]

@@ -46,8 +46,8 @@ from slmops.engines.base import (
     find_stop,
 )
 from slmops.engines.decoding import (
+    JsonMode,
     Row,
-    json_allowed,
     json_done,
     log_softmax,
     pick_token,
@@ -80,7 +80,7 @@ def _int(v) -> int | None:
 
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(JsonMode):
     name = "llama.cpp"
     max_batch_size = 1  # one sequence per llama.cpp context
 
@@ -466,17 +466,11 @@ class LlamaCppEngine:
             rng = np.random.default_rng(request.seed)
         return Row(request=request, prompt_ids=ids, rng=rng)
 
-    def _piece(self, token_id: int) -> str:
-        pieces = self.__dict__.setdefault("_pieces", {})
-        if token_id not in pieces:
-            pieces[token_id] = self.detokenize([token_id])
-        return pieces[token_id]
+    def _decode_one(self, token_id: int) -> str:
+        return self.detokenize([token_id])
 
-    def _allowed(self, row: Row, logits) -> list[int] | None:
-        """JSON mode: the tokens that keep the row a valid JSON-object prefix (None: no constraint)."""
-        if not row.request.json_mode:
-            return None
-        return json_allowed(row, logits, self._piece, lambda t: bool(self._lc.llama_vocab_is_eog(self._vocab, t)))
+    def _is_eos(self, token_id: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, token_id))
 
     def _advance(self, row: Row, tok: int, lp: float, now: float) -> None:
         row.t_first = row.t_first or now

@@ -38,9 +38,9 @@ from slmops.engines.base import (
     find_stop,
 )
 from slmops.engines.decoding import (
+    JsonMode,
     Row,
     group_by_adapter,
-    json_allowed,
     json_done,
     log_softmax,
     pick_token,
@@ -71,7 +71,7 @@ def _token_text(value) -> str:
 
 
 
-class OrtGenAIEngine:
+class OrtGenAIEngine(JsonMode):
     name = "ort-genai"
 
     def __init__(self, path: str | Path, *, max_batch_size: int = 16, threads: int | None = None,
@@ -321,15 +321,11 @@ class OrtGenAIEngine:
         rng = np.random.default_rng(request.seed) if request.temperature > 0 else None
         return Row(request=request, prompt_ids=ids, rng=rng)
 
-    def _piece(self, token_id: int) -> str:
-        pieces = self.__dict__.setdefault("_pieces", {})
-        if token_id not in pieces:
-            pieces[token_id] = self.decode([token_id])
-        return pieces[token_id]
+    def _decode_one(self, token_id: int) -> str:
+        return self.decode([token_id])
 
-    def _allowed(self, row: Row, logits) -> list[int] | None:
-        """JSON mode: the tokens that keep the row a valid JSON-object prefix (None: no constraint)."""
-        return json_allowed(row, logits, self._piece, self.eos_ids.__contains__) if row.request.json_mode else None
+    def _is_eos(self, token_id: int) -> bool:
+        return token_id in self.eos_ids
 
     def _advance(self, row: Row, tok: int, lp: float, now: float) -> None:
         row.t_first = row.t_first or now

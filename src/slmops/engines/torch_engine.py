@@ -29,9 +29,9 @@ from slmops.engines.base import (
     find_stop,
 )
 from slmops.engines.decoding import (
+    JsonMode,
     Row,
     group_by_adapter,
-    json_allowed,
     json_done,
     penalty_counts,
     row_result,
@@ -43,7 +43,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
-class TorchEngine:
+class TorchEngine(JsonMode):
     name = "torch"
     _UNKNOWN = "\0unknown"  # `_active` when PEFT's active adapter is not known (after a load or unload)
 
@@ -305,12 +305,11 @@ class TorchEngine:
             gen.manual_seed(request.seed if request.seed is not None else int(torch.seed() % (2**63)))
         return Row(request=request, prompt_ids=ids, rng=gen)
 
-    def _piece(self, token_id: int) -> str:
-        """The text of one token (memoised; JSON mode checks many candidates per step)."""
-        pieces = self.__dict__.setdefault("_pieces", {})
-        if token_id not in pieces:
-            pieces[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return pieces[token_id]
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _is_eos(self, token_id: int) -> bool:
+        return token_id in self.eos_ids
 
     def _pick(self, row: Row, logits) -> tuple[int, float]:
         import torch
@@ -327,7 +326,7 @@ class TorchEngine:
             logits = logits.clone()
             logits[toks] -= req.presence_penalty + req.frequency_penalty * occ
         if req.json_mode:
-            allowed = torch.tensor(json_allowed(row, logits.numpy(), self._piece, self.eos_ids.__contains__), dtype=torch.long)
+            allowed = torch.tensor(self._allowed(row, logits.numpy()), dtype=torch.long)
             logits = torch.full_like(logits, float("-inf")).index_copy(0, allowed, logits[allowed])
         if req.temperature == 0:
             tok = int(torch.argmax(logits))
