@@ -109,6 +109,34 @@ def json_done(row: Row) -> bool:
     return row.request.json_mode and json_prefix_state(row.text) == COMPLETE
 
 
+def generate_batched(engine: Any, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """Every request through the engine's `decode_batch`, in batches of `engine.max_batch_size` (grouped by
+    adapter, then by prompt length; results in request order). Unknown adapters and bad prompts fail before
+    any work."""
+    import time
+
+    adapters = [engine.resolve_adapter(r.adapter) for r in requests]
+    rows = [engine.prepare(r) for r in requests]
+    results: list[GenerationResult | None] = [None] * len(rows)
+    for name, members in group_by_adapter(adapters).items():
+        order = sorted(members, key=lambda i: len(rows[i].prompt_ids))
+        for start in range(0, len(order), engine.max_batch_size):
+            chunk = order[start:start + engine.max_batch_size]
+            t0 = time.perf_counter()
+            for _ in engine.decode_batch([rows[i] for i in chunk], name):
+                pass
+            for i in chunk:
+                results[i] = row_result(rows[i], t0)
+    return results  # type: ignore[return-value]
+
+
+def stream_request(engine: Any, request: GenerationRequest) -> Iterator[TokenEvent]:
+    """One request through the engine's `decode_batch`, as one TokenEvent per decode step."""
+    adapter = engine.resolve_adapter(request.adapter)
+    row = engine.prepare(request)
+    yield from stream_events(row, engine.decode_batch([row], adapter))
+
+
 def group_by_adapter(adapters: list[str | None]) -> dict[str | None, list[int]]:
     """Request indices grouped by resolved adapter name, in first-seen order."""
     groups: dict[str | None, list[int]] = {}
@@ -182,5 +210,5 @@ def pick_token(request: GenerationRequest, logits, rng, generated: list[int] | N
     return tok, float(logp[tok])
 
 
-__all__ = ["JsonMode", "Row", "group_by_adapter", "json_allowed", "json_done", "log_softmax", "penalty_counts", "pick_token", "row_result", "step_event",
-           "stream_events"]
+__all__ = ["JsonMode", "Row", "generate_batched", "group_by_adapter", "json_allowed", "json_done", "log_softmax", "penalty_counts", "pick_token", "row_result", "step_event",
+           "stream_events", "stream_request"]

@@ -48,11 +48,11 @@ from slmops.engines.base import (
 from slmops.engines.decoding import (
     JsonMode,
     Row,
+    generate_batched,
     json_done,
     log_softmax,
     pick_token,
-    row_result,
-    stream_events,
+    stream_request,
 )
 from slmops.errors import BadInputError, SlmopsError
 
@@ -319,21 +319,11 @@ class LlamaCppEngine(JsonMode):
                                     eos_token=self._special_text("tokenizer.ggml.eos_token_id"))
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Every request, one after another (in order)."""
-        adapters = [self.resolve_adapter(r.adapter) for r in requests]  # unknown names fail before any work
-        rows = [self.prepare(r) for r in requests]
-        results = []
-        for row, name in zip(rows, adapters, strict=True):
-            t0 = time.perf_counter()
-            for _ in self._steps(row, name):
-                pass
-            results.append(row_result(row, t0))
-        return results
+        """Every request, one after another (one sequence per context)."""
+        return generate_batched(self, requests)
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
-        adapter = self.resolve_adapter(request.adapter)
-        row = self.prepare(request)
-        yield from stream_events(row, self._steps(row, adapter))
+        return stream_request(self, request)
 
     def logprobs(self, texts: list[str], adapter: str | None = None) -> list[Logprobs]:
         """log p(token_i | tokens<i) for each text (no BOS added), under `adapter`."""

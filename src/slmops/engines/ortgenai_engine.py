@@ -40,12 +40,11 @@ from slmops.engines.base import (
 from slmops.engines.decoding import (
     JsonMode,
     Row,
-    group_by_adapter,
+    generate_batched,
     json_done,
     log_softmax,
     pick_token,
-    row_result,
-    stream_events,
+    stream_request,
 )
 from slmops.errors import BadInputError
 
@@ -257,24 +256,12 @@ class OrtGenAIEngine(JsonMode):
                                     bos_token=self._bos, eos_token=self._eos)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        adapters = [self.resolve_adapter(r.adapter) for r in requests]
-        rows = [self.prepare(r) for r in requests]
-        results: list[GenerationResult | None] = [None] * len(rows)
-        for name, members in group_by_adapter(adapters).items():
-            order = sorted(members, key=lambda i: len(rows[i].prompt_ids))
-            for start in range(0, len(order), self.max_batch_size):
-                chunk = order[start:start + self.max_batch_size]
-                t0 = time.perf_counter()
-                for _ in self._steps([rows[i] for i in chunk], name):
-                    pass
-                for i in chunk:
-                    results[i] = row_result(rows[i], t0)
-        return results  # type: ignore[return-value]
+        """Generate for every request, in batches of `max_batch_size` (grouped by adapter, then by prompt
+        length)."""
+        return generate_batched(self, requests)
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
-        adapter = self.resolve_adapter(request.adapter)
-        row = self.prepare(request)
-        yield from stream_events(row, self._steps([row], adapter))
+        return stream_request(self, request)
 
     def logprobs(self, texts: list[str], adapter: str | None = None) -> list[Logprobs]:
         """log p(token_i | tokens<i) for each text (no special tokens added), under `adapter`."""
