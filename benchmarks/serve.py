@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from slmops.bench.results import markdown_table, write_results  # noqa: E402
 from slmops.demo.task import generate as demo_examples  # noqa: E402
 from slmops.demo.teacher import BUNDLED_TEACHER_DIR  # noqa: E402
+from slmops.serve.worker import default_threads  # noqa: E402
 
 THREADS = 2
 WAVE_CAP_S = 60.0  # a wave starts no new request after this long (a machine slowed down by other jobs)
@@ -197,10 +198,15 @@ class ServerProcess:
             return ""
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
+        """Resident memory of the server and its engine worker processes."""
+        total = 0.0
+        for pid in tree_pids(self.proc.pid):
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            total += next(int(x.split()[1]) for x in lines if x.startswith("VmRSS:")) / 1024
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -241,13 +247,30 @@ def llama_cpp_python_server(gguf: Path, name: str, logs: Path, n_ctx: int) -> Se
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def tree_pids(pid: int | str) -> list[int | str]:
+    """`pid` and its live descendants (a server's engine worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return out
+
+
 def proc_cpu_s(pid: int | str = "self") -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User + system CPU seconds of a process (all its threads) and of its child processes."""
+    total = 0.0
+    for p in tree_pids(pid) if pid != "self" else [pid]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 def machine_busy_s() -> float:
@@ -346,9 +369,117 @@ def summarize(results: list[dict], wall: float, concurrency: int, truncated: boo
                else {})}
 
 
+class LeanHTTP:
+    """A minimal asyncio HTTP/1.1 client (keep-alive connections, chunked or sized bodies) with the part of
+    httpx's interface the waves use (`stream`, `post`). The waves measure the server against the engine with
+    no HTTP at all, so the load generator's own cost (on the same 2 cores, in the same wall time) should be as
+    small as it can be: httpx costs about 1-2 ms of Python per request on this machine. The soak, which checks
+    behaviour rather than speed, uses httpx."""
+
+    def __init__(self) -> None:
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def __aenter__(self) -> LeanHTTP:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for _, w in self._idle:
+            w.close()
+        self._idle.clear()
+
+    def stream(self, method: str, url: str, json: dict | None = None) -> _LeanResponse:
+        return _LeanResponse(self, method, url, json)
+
+    async def post(self, url: str, json: dict | None = None) -> _LeanResponse:
+        r = _LeanResponse(self, "POST", url, json)
+        await r.__aenter__()
+        await r.aread()
+        await r.__aexit__(None, None, None)
+        return r
+
+
+class _LeanResponse:
+    def __init__(self, client: LeanHTTP, method: str, url: str, body: dict | None):
+        from urllib.parse import urlsplit
+
+        self.client, self.method, self.u, self.body = client, method, urlsplit(url), body
+        self.status_code, self.headers, self.content = 0, {}, b""
+        self._done = False
+
+    async def __aenter__(self) -> _LeanResponse:
+        data = json.dumps(self.body).encode() if self.body is not None else b""
+        head = (f"{self.method} {self.u.path} HTTP/1.1\r\nHost: {self.u.netloc}\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(data)}\r\nAccept: */*\r\n\r\n").encode()
+        for fresh in (False, True):
+            if self.client._idle and not fresh:
+                self.r, self.w = self.client._idle.pop()
+            else:
+                self.r, self.w = await asyncio.open_connection(self.u.hostname, self.u.port)
+            try:
+                self.w.write(head + data)
+                status = await self.r.readline()
+                if not status:
+                    raise ConnectionResetError("closed")
+                break
+            except (ConnectionError, OSError):
+                self.w.close()
+                if fresh:
+                    raise
+        self.status_code = int(status.split()[1])
+        while (line := await self.r.readline()) not in (b"\r\n", b"\n", b""):
+            k, _, v = line.decode("latin-1").partition(":")
+            self.headers[k.strip().lower()] = v.strip()
+        return self
+
+    async def _chunks(self):
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int((await self.r.readline()).split(b";")[0], 16)
+                if size == 0:
+                    await self.r.readline()
+                    break
+                chunk = await self.r.readexactly(size)
+                await self.r.readexactly(2)
+                yield chunk
+        else:
+            n = int(self.headers.get("content-length", "0"))
+            if n:
+                yield await self.r.readexactly(n)
+        self._done = True
+
+    async def aread(self) -> bytes:
+        self.content = b"".join([c async for c in self._chunks()])
+        return self.content
+
+    async def aiter_lines(self):
+        buf = b""
+        async for chunk in self._chunks():
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                yield line.rstrip(b"\r").decode()
+        if buf:
+            yield buf.decode()
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    async def __aexit__(self, *exc) -> None:
+        if self._done and self.headers.get("connection", "").lower() != "close":
+            self.client._idle.append((self.r, self.w))
+        else:
+            self.w.close()
+
+
 async def _stream_chat(client, url: str, payload: dict) -> dict:
     """One streaming chat request: time to the first content chunk, completion tokens (the final usage chunk,
-    else the number of content chunks)."""
+    else the number of content chunks). Only the events up to the first content and those with usage or an
+    error are parsed as JSON, so the load generator's CPU (on the same 2 cores) stays small; `text` is the
+    answer's first piece."""
     t0 = time.perf_counter()
     ttft, chunks, usage_tokens, text = None, 0, None, []
     async with client.stream("POST", url + "/v1/chat/completions", json=payload) as r:
@@ -363,6 +494,10 @@ async def _stream_chat(client, url: str, payload: dict) -> dict:
             if data == "[DONE]":
                 done = True
                 break
+            if ttft is not None and '"usage"' not in data and '"error"' not in data:
+                if '"content"' in data and '"role"' not in data:
+                    chunks += 1
+                continue
             obj = json.loads(data)
             if "error" in obj:
                 return {"ok": False, "status": 200, "error": f"in-band error: {obj['error']}"}
@@ -394,10 +529,7 @@ async def _plain_chat(client, url: str, payload: dict) -> dict:
 
 async def _http_wave(url: str, model: str, prompts: list[list[dict]], concurrency: int, n: int,
                      max_tokens: int, stream: bool, extra: dict | None = None) -> dict:
-    import httpx2 as httpx
-
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with LeanHTTP() as client:
         todo = iter(range(n))
         results: list[dict] = []
 
@@ -715,19 +847,21 @@ def run_engine(spec: dict, prompts, logs: Path, guard: NoiseGuard, quick: bool) 
     def via_http(srv: ServerProcess, stream: bool = True, extra: dict | None = None):
         return lambda c, n: http_wave(srv, name, prompts, c, n, mt, stream, extra)
 
-    def inproc(scheduler: bool | None = None, threads: int = THREADS):
+    threads = spec["threads"]
+
+    def inproc(scheduler: bool | None = None, n_threads: int = threads):
         def run(c: int, n: int) -> dict:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(n_threads)
             try:
                 return inproc_wave(engine, prompts, c, n, mt, scheduler)
             finally:
-                torch.set_num_threads(THREADS)
+                torch.set_num_threads(threads)
         return run
 
     try:
-        servers.append(slmops_server(spec["ref"], name, logs))
+        servers.append(slmops_server(spec["ref"], name, logs, threads=threads))
         main_srv = servers[-1]
-        engine = open_engine(str(spec["ref"]), threads=THREADS)
+        engine = open_engine(str(spec["ref"]), threads=threads)
         arms = [Arm("slmops", via_http(main_srv), main_srv.proc.pid), Arm("in-process", inproc())]
         if spec["key"] == "llama.cpp":
             servers.append(llama_cpp_python_server(spec["ref"], name, logs, engine.n_ctx))
@@ -736,15 +870,23 @@ def run_engine(spec: dict, prompts, logs: Path, guard: NoiseGuard, quick: bool) 
                             servers[-1].proc.pid))
         if spec["key"] == "torch" and not quick:
             # what the server's cost at concurrency 1 is made of: the scheduler's decode path without HTTP,
-            # HTTP without per-token SSE, and 1 torch thread (2 torch threads + the event loop + the client
-            # oversubscribe 2 cores)
-            servers.append(slmops_server(spec["ref"], name, logs, threads=1, tag="-1thread"))
-            one = servers[-1]
+            # HTTP without per-token SSE; and the settings the defaults avoid: 2 torch threads (the engine's
+            # threads then take both cores from the event loop and the client), the engine on a thread of the
+            # server process (one GIL for decoding and HTTP)
+            servers.append(slmops_server(spec["ref"], name, logs, threads=THREADS, tag="-2threads"))
+            two = servers[-1]
+            servers.append(slmops_server(spec["ref"], name, logs, "--isolation", "thread", threads=threads,
+                                         tag="-thread"))
+            threaded = servers[-1]
             arms += [Arm("in-process (Scheduler)", inproc(scheduler=True), levels=(1,), diagnostic=True),
+                     Arm("slmops (--isolation thread)", via_http(threaded), threaded.proc.pid, levels=(1, 16),
+                         diagnostic=True),
                      Arm("slmops (non-streaming)", via_http(main_srv, stream=False), main_srv.proc.pid,
                          levels=(1, 16), diagnostic=True),
-                     Arm("slmops (--threads 1)", via_http(one), one.proc.pid, levels=(1, 16), diagnostic=True),
-                     Arm("in-process (1 thread)", inproc(threads=1), levels=(1, 16), diagnostic=True)]
+                     Arm(f"slmops (--threads {THREADS})", via_http(two), two.proc.pid, levels=(1, 16),
+                         diagnostic=True),
+                     Arm(f"in-process ({THREADS} threads)", inproc(n_threads=THREADS), levels=(1, 16),
+                         diagnostic=True)]
         started = {srv.name: round(srv.start_s, 1) for srv in servers}
         rows = measure_engine(spec, arms, rounds=spec["rounds"], guard=guard)
         for r in rows:
@@ -794,7 +936,7 @@ def main() -> None:
     specs = []
     if "torch" in wanted:
         specs.append({"key": "torch", "engine": "torch", "model": "demo-student", "served_name": "demo-student",
-                      "ref": student, "max_tokens": 48, "rounds": rounds,
+                      "ref": student, "max_tokens": 48, "rounds": rounds, "threads": default_threads(),
                       "requests": {1: 8, 4: 16, 16: 32} if quick else {1: 16, 4: 32, 16: 64}})
     if wanted & {"ort-genai", "llama.cpp"}:
         onnx_dir, gguf = qwen_exports(CACHE)
@@ -802,10 +944,12 @@ def main() -> None:
         if "ort-genai" in wanted:
             specs.append({"key": "ort-genai", "engine": "ort-genai", "model": "qwen2.5-0.5b-shape int4 (ONNX)",
                           "served_name": "qwen-int4", "ref": onnx_dir, "max_tokens": 32, "requests": small,
+                          "threads": THREADS,
                           "rounds": rounds})
         if "llama.cpp" in wanted:
             specs.append({"key": "llama.cpp", "engine": "llama.cpp", "model": "qwen2.5-0.5b-shape q4_k_m (GGUF)",
                           "served_name": "qwen-q4km", "ref": gguf, "max_tokens": 32, "requests": small,
+                          "threads": THREADS,
                           "rounds": rounds})
 
     global WAVE_CAP_S
@@ -874,7 +1018,7 @@ def main() -> None:
         "scaling_c16_over_c1_in_process": i16 / i1 if i1 and i16 else None,
         "server_overhead_c1_decomposition": decomposition,
         "targets": targets, "rows": rows, "diagnostics": diagnostics, "soak": soak_res, "engine_errors": errors,
-        "settings": {"threads": THREADS, "rounds_c1": rounds, "levels": levels,
+        "settings": {"threads": {s["engine"]: s["threads"] for s in specs}, "rounds_c1": rounds, "levels": levels,
                      "requests": {s["engine"]: s["requests"] for s in specs},
                      "max_tokens": {s["engine"]: s["max_tokens"] for s in specs},
                      "client": "httpx2 AsyncClient, streaming chat requests, stream_options.include_usage",
@@ -905,7 +1049,8 @@ def write_md_and_json(payload: dict, out: Path) -> None:
     s = payload["settings"]
     g = payload["noise_guard"]
     md = (f"Streaming chat requests (temperature 0, fixed max_tokens: {s['max_tokens']}) from an asyncio client in "
-          f"another process; every engine with {s['threads']} threads. tok_s = completion tokens of the wave / its "
+          f"another process; threads per engine (the server's and the in-process engine alike): {s['threads']} (the "
+          "torch engine: `slmops serve`'s default for an engine in a worker process, all cores but one). tok_s = completion tokens of the wave / its "
           f"wall time; TTFT = time to the first content chunk. Concurrency 1: {s['rounds_c1']} interleaved rounds "
           "(medians); in-process = the same engine with no HTTP (`engine.stream` at 1, the server's Scheduler at "
           "4 and 16). cpu_ms_per_token: CPU of the measured side (the server process, or the engine in-process) "
@@ -917,8 +1062,9 @@ def write_md_and_json(payload: dict, out: Path) -> None:
     if payload.get("diagnostics"):
         md += ("\n## Diagnostics (demo student): where the server's time goes\n\n"
                "in-process (Scheduler): the server's decode path (continuous batching) without HTTP; slmops "
-               "(non-streaming): HTTP without per-token server-sent events; slmops (--threads 1) and in-process "
-               "(1 thread): one torch thread instead of two. Interleaved with the rows above at concurrency 1.\n\n"
+               "(non-streaming): HTTP without per-token server-sent events; slmops (--isolation thread): the engine "
+               "on a thread of the server process instead of a worker process; slmops (--threads N) and "
+               "in-process (N threads): more torch threads. Interleaved with the rows above at concurrency 1.\n\n"
                + markdown_table(payload["diagnostics"], cols) + "\n")
     by = payload["server_overhead_c1_by_engine"]
     md += ("## Headline figures\n\n"

@@ -77,12 +77,14 @@ def serve(
     keep_alive: Annotated[float, typer.Option(help="Unload a model after this many idle seconds; it loads again on its next request. 0 keeps models loaded (default: 0).")] = 0.0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens generated when a request sets no max_tokens (default: 512, within the context).")] = 512,
     max_body: Annotated[int, typer.Option(min=1024, help="Largest request body in bytes; larger ones get 413 (default: 1048576).")] = 1 << 20,
-    threads: Annotated[int | None, typer.Option(help="CPU threads per engine (default: the runtime's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per engine (default: for an engine in a worker process, all cores but one, which is left to the HTTP server; otherwise the runtime's choice).")] = None,
     capture: Annotated[Path | None, typer.Option(help="Append every request and answer to this JSONL file as chat data (off by default; see --capture-redact).")] = None,
     capture_redact: Annotated[str | None, typer.Option(help="Redaction hook for --capture: 'pii' (mask e-mails and numbers) or module:function (default: none).")] = None,
     lazy: Annotated[bool, typer.Option("--lazy", help="Load models on their first request instead of at start-up.")] = False,
     grace: Annotated[float, typer.Option(help="On shutdown (Ctrl-C, SIGTERM), seconds to let in-flight requests finish (default: 30).")] = 30.0,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Print one JSON line per request on stderr (default: on).")] = True,
+    stream_interval: Annotated[float, typer.Option(min=0, help="Milliseconds an engine worker process may hold streamed tokens to send them together (a request's first and last tokens go at once); 0 sends every decode step (default: 10: a fast model streams in bursts of a few tokens instead of paying a process hop per token).")] = 10.0,
+    isolation: Annotated[str, typer.Option(help="Where each engine runs: 'process' (its own worker process: decoding does not compete with the HTTP server for Python's GIL, and an engine crash fails only its requests), 'thread' (inside the server process) or 'auto' (default: a worker process for Hugging Face models on the torch engine, a thread for ONNX and GGUF, whose runtimes decode in native code).")] = "auto",
     engine: Annotated[str, typer.Option(help="'auto' serves with slmops's engines; 'vllm' hands a Hugging Face model and its LoRA adapters to vLLM's OpenAI server (needs vllm and a CUDA GPU).")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the arguments and print what would be served (the vLLM command line with --engine vllm), then exit.")] = False,
 ) -> None:
@@ -105,7 +107,12 @@ def serve(
         _serve_vllm(models, adapter or [], host, port, api_key, dry_run)
         return
     specs = parse_model_args(models, adapter or [], ws)
+    from slmops.serve.manager import ISOLATION
+
+    if isolation not in ISOLATION:
+        raise BadInputError(f"--isolation {isolation!r} is not known", "use auto, process or thread")
     for s in specs:
+        s.isolation = isolation
         if threads:
             s.engine_options["threads"] = threads
     if dry_run:
@@ -123,13 +130,13 @@ def serve(
     from slmops.serve.capture import load_redactor
     from slmops.serve.manager import ModelManager
 
-    # the engine's worker thread and the event loop share the GIL: hand it over more often than every 5 ms,
-    # so a token's server-side work (SSE, metrics) does not hold the next decode step back
+    # an engine on a thread of this process (--isolation thread, ONNX, GGUF) shares the GIL with the event
+    # loop: hand it over more often than every 5 ms, so a token's server-side work does not wait a whole slice
     sys.setswitchinterval(float(os.environ.get("SLMOPS_SWITCH_INTERVAL", "0.0005")))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         common.info(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
     manager = ModelManager(specs, workspace=ws, keep_alive_s=keep_alive, max_batch_size=max_batch_size,
-                           max_queue=max_queue)
+                           max_queue=max_queue, stream_interval_s=stream_interval / 1000)
     config = ServerConfig(api_key=api_key, request_timeout_s=timeout or None, max_body_bytes=max_body,
                           default_max_tokens=max_tokens, capture=capture,
                           redact=load_redactor(capture_redact), shutdown_grace_s=grace, preload=not lazy)

@@ -44,6 +44,33 @@ def engine_kind(path: Path) -> str:
     raise BadInputError(f"{path} is not a model: expected a model folder or a .gguf file")
 
 
+def _local_path(ref_s: str, workspace=None) -> Path | None:
+    """The file or folder behind an artifact id, alias or path; None when there is none here."""
+    if workspace is not None:
+        try:
+            return workspace.resolve(ref_s)
+        except NotFoundError:
+            pass
+    p = Path(ref_s).expanduser()
+    return p if p.exists() else None
+
+
+def engine_kind_of(ref: str | Path, workspace=None) -> str:
+    """Which engine `open_engine(ref)` would use, without loading anything: "torch", "adapter", "ort-genai",
+    "llama.cpp" or "openai-http"."""
+    ref_s = str(ref)
+    if ref_s.startswith(("http://", "https://")):
+        return "openai-http"
+    path = _local_path(ref_s, workspace)
+    if path is None:
+        from slmops.models.load import is_hub_id
+
+        if is_hub_id(ref_s):
+            return "torch"
+        raise NotFoundError(f"no model, artifact or alias {ref_s!r}", "see `slmops models list`")
+    return engine_kind(path)
+
+
 def open_engine(ref: str | Path, workspace=None, **opts: Any) -> Engine:
     """Open the model behind `ref` (artifact id, alias, folder, file or hub id) with the right engine.
 
@@ -57,16 +84,7 @@ def open_engine(ref: str | Path, workspace=None, **opts: Any) -> Engine:
         from slmops.engines.openai_http import OpenAIHTTPEngine
 
         return OpenAIHTTPEngine(ref_s, **opts)  # an OpenAI-compatible server ("URL#model" names the model)
-    path: Path | None = None
-    if workspace is not None:
-        try:
-            path = workspace.resolve(ref_s)
-        except NotFoundError:
-            path = None
-    if path is None:
-        p = Path(ref_s).expanduser()
-        if p.exists():
-            path = p
+    path = _local_path(ref_s, workspace)
     if path is None:
         from slmops.models.load import is_hub_id
 
@@ -135,5 +153,5 @@ def _adapter_name(info) -> str:
 __all__ = [
     "BASE_ADAPTER",
     "Engine", "EngineInfo", "GenerationRequest", "GenerationResult", "Logprobs", "TokenEvent",
-    "engine_kind", "open_engine",
+    "engine_kind", "engine_kind_of", "open_engine",
 ]

@@ -19,6 +19,20 @@ FinishReason = Literal["stop", "length"]
 BASE_ADAPTER = "base"
 
 
+class ContextLengthExceeded(BadInputError):
+    """The prompt (or the prompt plus the tokens asked for) does not fit the model's context. `param` is
+    what to change: "prompt" or "max_tokens"."""
+
+    def __init__(self, message: str, hint: str | None = None, param: str = "prompt"):
+        super().__init__(message, hint)
+        self.param = param
+
+
+def prompt_too_long(n_prompt: int, context: int) -> ContextLengthExceeded:
+    return ContextLengthExceeded(f"the prompt is {n_prompt} tokens, the model's context is {context}",
+                                 "shorten the prompt")
+
+
 @dataclass
 class GenerationRequest:
     """One generation. Give `messages` (rendered with the model's chat template) or a raw `prompt`.

@@ -36,6 +36,7 @@ from slmops.engines.base import (
     Logprobs,
     TokenEvent,
     find_stop,
+    prompt_too_long,
 )
 from slmops.engines.decoding import (
     JsonMode,
@@ -303,8 +304,7 @@ class OrtGenAIEngine(JsonMode):
         if not ids:
             raise BadInputError("the prompt is empty after tokenization")
         if self.context_length and len(ids) >= self.context_length:
-            raise BadInputError(f"prompt is {len(ids)} tokens, the model's context is {self.context_length}",
-                                "shorten the prompt")
+            raise prompt_too_long(len(ids), self.context_length)
         rng = np.random.default_rng(request.seed) if request.temperature > 0 else None
         return Row(request=request, prompt_ids=ids, rng=rng)
 

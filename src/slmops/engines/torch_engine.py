@@ -27,6 +27,7 @@ from slmops.engines.base import (
     Logprobs,
     TokenEvent,
     find_stop,
+    prompt_too_long,
 )
 from slmops.engines.decoding import (
     JsonMode,
@@ -280,10 +281,7 @@ class TorchEngine(JsonMode):
         if not ids:
             raise BadInputError("the prompt is empty after tokenization")
         if self.context_length and len(ids) >= self.context_length:
-            raise BadInputError(
-                f"prompt is {len(ids)} tokens, the model's context is {self.context_length}",
-                "shorten the prompt",
-            )
+            raise prompt_too_long(len(ids), self.context_length)
         gen = None
         if request.temperature > 0:
             gen = torch.Generator(device="cpu")
@@ -423,14 +421,16 @@ class TorchBatch:
         self._att = None  # [B, T] attention mask over the cache
         self._pos = None  # [B, 1] position of each row's next input token
         self._next = None  # [B, 1] each row's next input token
+        self._padded = False  # whether any row has padding in the cache (the mask must be passed)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _forward(self, ids, att, pos, past):
+    def _forward(self, ids, att, pos, past, padded: bool | None = None):
         import torch
 
-        padded = bool((att == 0).any())
+        if padded is None:
+            padded = bool((att == 0).any())
         dev = self.engine.device
         with torch.inference_mode():
             out = self.engine._forward(self.adapter, input_ids=ids.to(dev),
@@ -478,6 +478,7 @@ class TorchBatch:
             self._past, self._att = _merge_caches(self._past, self._att, past, att)
             self._pos = torch.cat([self._pos, pos])
             self._next = torch.cat([self._next, nxt])
+        self._padded = bool((self._att == 0).any())  # (kept, not recomputed every step)
         self.rows.extend(rows)
 
     def step(self) -> None:
@@ -487,7 +488,7 @@ class TorchBatch:
         if not self.rows:
             return
         att = torch.cat([self._att, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
-        self._past, logits = self._forward(self._next, att, self._pos, self._past)
+        self._past, logits = self._forward(self._next, att, self._pos, self._past, self._padded)
         self._att = att
         self._pos = self._pos + 1
         self._next = torch.tensor(self._pick_all(self.rows, logits), dtype=torch.long)[:, None]
@@ -512,6 +513,7 @@ class TorchBatch:
             self._att = self._att[:, lead:]
             for layer in self._past.layers:
                 layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+        self._padded = bool((self._att == 0).any())
 
 
 def _merge_caches(past_a, att_a, past_b, att_b):

@@ -44,6 +44,7 @@ from slmops.serve.protocol import (
     usage,
 )
 from slmops.serve.scheduler import Overloaded, RequestTimeout, ShuttingDown, Ticket
+from slmops.serve.worker import EngineCrashed, token_text
 
 log = logging.getLogger("slmops.serve")
 access_log = logging.getLogger("slmops.serve.access")
@@ -65,14 +66,6 @@ class ServerConfig:
 
 def _json_error(exc: ProtocolError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-def _token_text(engine, token_id: int) -> str:
-    if hasattr(engine, "detokenize"):  # llama.cpp: the piece as text, not the vocabulary's spelling
-        return engine.detokenize([token_id])
-    if engine.name == "torch":
-        return engine.tokenizer.decode([token_id])
-    return engine.decode([token_id])
 
 
 class _Choice:
@@ -102,6 +95,34 @@ class _Choice:
         self.completion_tokens = max(self.completion_tokens, ev.completion_tokens)
         if ev.finish_reason:
             self.finish_reason = ev.finish_reason
+
+
+DONE = "data: [DONE]\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events, written in as few socket writes as possible: the headers go out with the first
+    events (the role chunk together with the first token, not before the model has produced anything), and
+    the chunk that ends with ``data: [DONE]`` also ends the body (no separate empty write)."""
+
+    def __init__(self, content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def stream_response(self, send) -> None:
+        started = False
+        async for chunk in self.body_iterator:
+            body = chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
+            if not started:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                started = True
+            if body.endswith(DONE.encode()):
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        if not started:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def create_app(manager: ModelManager, config: ServerConfig | None = None) -> FastAPI:
@@ -164,41 +185,61 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
                             status_code=500)
 
     # --- middleware: auth, size limit, access log, request counter ----------------------------------
-    @app.middleware("http")
-    async def _gate(request: Request, call_next):
+    # a plain ASGI middleware (not @app.middleware, whose BaseHTTPMiddleware passes every streamed chunk
+    # through an extra task and memory stream: a measurable cost per token)
+    async def gate(scope, receive, send, call_next) -> None:
+        if scope["type"] != "http":
+            await call_next(scope, receive, send)
+            return
         t0 = time.perf_counter()
-        request.state.model = ""
-        request.state.adapter = ""
-        request.state.tokens = (0, 0)
-        path = request.url.path
+        st = scope.setdefault("state", {})
+        st.update(model="", adapter="", tokens=(0, 0))
+        path, method = scope["path"], scope["method"]
+        status = [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
         try:
+            headers = {k: v for k, v in scope["headers"] if k in (b"authorization", b"x-api-key", b"content-length")}
             if config.api_key and path not in PUBLIC_PATHS:
-                auth = request.headers.get("authorization", "")
-                given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+                auth = headers.get(b"authorization", b"").decode("latin-1")
+                given = auth[7:].strip() if auth[:7].lower() == "bearer " else \
+                    headers.get(b"x-api-key", b"").decode("latin-1")
                 if not given or not hmac.compare_digest(given.encode(), config.api_key.encode()):
                     raise ProtocolError("missing or wrong API key: send 'Authorization: Bearer <key>'",
                                         status=401, code="invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            length = headers.get(b"content-length", b"").decode("latin-1")
+            if length.isdigit() and int(length) > config.max_body_bytes:
                 raise ProtocolError(f"request body is {length} bytes, the limit is {config.max_body_bytes}",
                                     status=413, code="request_too_large")
-            response = await call_next(request)
+            await call_next(scope, receive, send_status)
         except ProtocolError as exc:
-            response = _json_error(exc)
-        status = response.status_code
-        if path.startswith("/v1/") and request.method == "POST" and path not in ("/v1/models/load",
-                                                                                  "/v1/models/unload"):
-            metrics.requests.labels(request.state.model or "-", request.state.adapter or "-",
-                                    path.removeprefix("/v1/"), str(status)).inc()
-        if path not in ("/health", "/metrics"):
-            access_log.info(json.dumps({
-                "ts": round(time.time(), 3), "method": request.method, "path": path, "status": status,
-                "ms": round((time.perf_counter() - t0) * 1000, 1),
-                "client": request.client.host if request.client else None,
-                "model": request.state.model or None, "adapter": request.state.adapter or None,
-                "prompt_tokens": request.state.tokens[0], "completion_tokens": request.state.tokens[1],
-            }))
-        return response
+            await _json_error(exc)(scope, receive, send_status)
+        finally:
+            if path.startswith("/v1/") and method == "POST" and path not in ("/v1/models/load", "/v1/models/unload"):
+                metrics.requests.labels(st.get("model") or "-", st.get("adapter") or "-",
+                                        path.removeprefix("/v1/"), str(status[0])).inc()
+            if path not in ("/health", "/metrics") and access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client")
+                tokens = st.get("tokens") or (0, 0)
+                access_log.info(json.dumps({
+                    "ts": round(time.time(), 3), "method": method, "path": path, "status": status[0],
+                    "ms": round((time.perf_counter() - t0) * 1000, 1), "client": client[0] if client else None,
+                    "model": st.get("model") or None, "adapter": st.get("adapter") or None,
+                    "prompt_tokens": tokens[0], "completion_tokens": tokens[1],
+                }))
+
+    class _Gate:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send) -> None:
+            await gate(scope, receive, send, self.app)
+
+    app.add_middleware(_Gate)
 
     async def read_json(request: Request) -> Any:
         chunks, size = [], 0
@@ -260,53 +301,44 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         n = int(req.n or 1)
         explicit = bool({"max_tokens", "max_completion_tokens"} & req.model_fields_set)
         want = requested_max_tokens(req, config.default_max_tokens)
-        ctx = engine.info().context_length if hasattr(engine, "info") else None
-        from slmops.engines.base import GenerationRequest
+        from slmops.engines.base import ContextLengthExceeded
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         tickets: list[Ticket] = []
         served.in_flight += 1
         served.last_used = time.monotonic()
+        prompt_param = "messages" if kind == "chat" else "prompt"
         try:
             for p_i, prompt in enumerate(prompts):
-                probe = GenerationRequest(**prompt, max_new_tokens=1, adapter=adapter)
                 try:
-                    n_prompt = len(engine.tokenize(engine.render(probe)))
-                except BadInputError as exc:
-                    raise ProtocolError(exc.message, param="messages" if kind == "chat" else "prompt") from None
-                if ctx and n_prompt >= ctx:
-                    raise ProtocolError(f"the prompt is {n_prompt} tokens, the model's context is {ctx}",
-                                        param="messages" if kind == "chat" else "prompt",
-                                        code="context_length_exceeded")
-                max_new = want
-                if ctx and n_prompt + want > ctx:
-                    if explicit:
-                        raise ProtocolError(f"the model's context is {ctx} tokens: the prompt ({n_prompt}) plus "
-                                            f"max_tokens ({want}) do not fit", param="max_tokens",
-                                            code="context_length_exceeded")
-                    max_new = ctx - n_prompt
-                try:
-                    gen_reqs = to_generation_requests({**prompt, **sampling_kwargs(req, max_new), "adapter": adapter,
+                    gen_reqs = to_generation_requests({**prompt, **sampling_kwargs(req, want), "adapter": adapter,
                                                        "json_mode": json_mode}, n, req.seed)
                 except BadInputError as exc:
                     raise ProtocolError(exc.message) from None
                 for j, gr in enumerate(gen_reqs):
                     index = p_i * n + j
 
-                    def deliver(item, index=index):
-                        loop.call_soon_threadsafe(queue.put_nowait, (index, item, time.perf_counter()))
+                    def deliver(item, at=None, index=index):  # `at`: when the engine made it, if known
+                        loop.call_soon_threadsafe(queue.put_nowait, (index, item, at or time.perf_counter()))
 
                     try:
-                        tickets.append(loaded.scheduler.submit(gr, deliver, timeout=config.request_timeout_s))
+                        tickets.append(loaded.scheduler.submit(gr, deliver, timeout=config.request_timeout_s,
+                                                               fit="strict" if explicit else "clamp"))
+                    except ContextLengthExceeded as exc:
+                        raise ProtocolError(exc.message, param="max_tokens" if exc.param == "max_tokens"
+                                            else prompt_param, code="context_length_exceeded") from None
                     except Overloaded as exc:
                         raise ProtocolError(exc.message, status=429, code="overloaded",
                                             headers={"Retry-After": str(int(exc.retry_after + 0.999))}) from None
                     except ShuttingDown as exc:
                         raise ProtocolError(exc.message, status=503, code="shutting_down") from None
+                    except EngineCrashed as exc:
+                        raise ProtocolError(exc.message, status=503, code="engine_crashed") from None
                     except BadInputError as exc:
                         status = 404 if "adapter" in exc.message else 400
-                        raise ProtocolError(exc.message, status=status, param="model" if status == 404 else None,
+                        raise ProtocolError(exc.message, status=status,
+                                            param="model" if status == 404 else prompt_param,
                                             code="model_not_found" if status == 404 else None) from None
         except BaseException:
             for t in tickets:
@@ -328,6 +360,8 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
                                             status=503, code="timeout")
                     if isinstance(item, ShuttingDown):
                         raise ProtocolError(str(item.message), status=503, code="shutting_down")
+                    if isinstance(item, EngineCrashed):
+                        raise ProtocolError(str(item.message), status=503, code="engine_crashed")
                     raise item
                 if item is None:
                     left -= 1
@@ -341,9 +375,9 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
     def logprob_items(engine, choice: _Choice) -> list[dict[str, Any]]:
         out = []
         for tok, lp, top in choice.tokens:
-            text = _token_text(engine, tok)
+            text = token_text(engine, tok)
             out.append({"token": text, "logprob": lp, "bytes": list(text.encode("utf-8")),
-                        "top_logprobs": [{"token": (tt := _token_text(engine, t)), "logprob": v,
+                        "top_logprobs": [{"token": (tt := token_text(engine, t)), "logprob": v,
                                           "bytes": list(tt.encode("utf-8"))} for t, v in (top or [])]})
         return out
 
@@ -351,10 +385,10 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         toks, lps, tops, offs = [], [], [], []
         pos = offset
         for tok, lp, top in choice.tokens:
-            text = _token_text(engine, tok)
+            text = token_text(engine, tok)
             toks.append(text)
             lps.append(lp)
-            tops.append({_token_text(engine, t): v for t, v in (top or [])})
+            tops.append({token_text(engine, t): v for t, v in (top or [])})
             offs.append(pos)
             pos += len(text)
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
@@ -396,6 +430,32 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         finally:
             watcher.cancel()
         return choices
+
+    async def sse_body(served: ServedModel, tickets: list[Ticket], queue: asyncio.Queue, t0: float,
+                       head: list[str], render, finish) -> AsyncIterator[str]:
+        """The SSE stream of a streaming request: `head` chunks, then `render(choice, event, tokens_before)`
+        chunks per event, then `finish(choices)` chunks and [DONE]. Whatever arrived together goes out in one
+        write; the last events go out with [DONE]. An error after the 200 is reported in-band, as OpenAI does."""
+        choices = {i: _Choice(i) for i in range(len(tickets))}
+        parts: list[str] = list(head)
+        ended = 0
+        try:
+            async for index, ev, t in events(served, tickets, queue, t0):
+                if ev is None:
+                    ended += 1
+                else:
+                    c = choices[index]
+                    before = len(c.tokens)
+                    c.add(ev, t)
+                    parts.extend(render(c, ev, before))
+                if parts and queue.empty() and ended < len(tickets):
+                    yield "".join(parts)
+                    parts = []
+            parts.extend(finish(choices))
+            parts.append(DONE)
+        except ProtocolError as exc:
+            parts.append(f"data: {json.dumps(exc.body())}\n\n")
+        yield "".join(parts)
 
     # --- routes -------------------------------------------------------------------------------------
     def _schema(model_cls) -> dict[str, Any]:
@@ -495,48 +555,30 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         def text_chunk(index: int, text: str) -> str:
             return f'{text_head}{index}, "delta": {{"content": {json.dumps(text, ensure_ascii=False)}}}{text_tail}'
 
-        async def sse():
-            choices = {i: _Choice(i) for i in range(len(tickets))}
-            try:
-                for i in choices:
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
-                parts: list[str] = []
-                async for index, ev, t in events(served, tickets, queue, t0):
-                    if ev is not None:
-                        c = choices[index]
-                        before = len(c.tokens)
-                        c.add(ev, t)
-                        lp = None
-                        if want_lp and len(c.tokens) > before:
-                            part = _Choice(index)
-                            part.tokens = c.tokens[before:]
-                            lp = {"content": logprob_items(engine, part)}
-                        if lp:
-                            parts.append(chunk([{"index": index, "delta": {"content": ev.text}, "logprobs": lp,
-                                                 "finish_reason": None}]))
-                        elif ev.text:
-                            parts.append(text_chunk(index, ev.text))
-                        if ev.finish_reason:
-                            parts.append(chunk([{"index": index, "delta": {}, "logprobs": None,
-                                                 "finish_reason": ev.finish_reason}]))
-                    if parts and queue.empty():  # one write for whatever arrived together
-                        yield "".join(parts)
-                        parts = []
-                if parts:
-                    yield "".join(parts)
-                prompt, completion = observe(served, choices, len(tickets), t0, request)
-                if include_usage:
-                    yield chunk([], usage(prompt, completion))
-                if capture:
-                    capture.write({"messages": messages + [{"role": "assistant", "content": choices[0].text}],
-                                   "metadata": {"model": model_id, "created": created, "id": cid}})
-                yield "data: [DONE]\n\n"
-            except ProtocolError as exc:  # after the 200 went out: report in-band, as OpenAI does
-                yield f"data: {json.dumps(exc.body())}\n\n"
+        def render(c: _Choice, ev: TokenEvent, before: int) -> list[str]:
+            out = []
+            if want_lp and len(c.tokens) > before:
+                part = _Choice(c.index)
+                part.tokens = c.tokens[before:]
+                out.append(chunk([{"index": c.index, "delta": {"content": ev.text},
+                                   "logprobs": {"content": logprob_items(engine, part)}, "finish_reason": None}]))
+            elif ev.text:
+                out.append(text_chunk(c.index, ev.text))
+            if ev.finish_reason:
+                out.append(chunk([{"index": c.index, "delta": {}, "logprobs": None,
+                                   "finish_reason": ev.finish_reason}]))
+            return out
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        def finish(choices: dict[int, _Choice]) -> list[str]:
+            prompt, completion = observe(served, choices, len(tickets), t0, request)
+            if capture:
+                capture.write({"messages": messages + [{"role": "assistant", "content": choices[0].text}],
+                               "metadata": {"model": model_id, "created": created, "id": cid}})
+            return [chunk([], usage(prompt, completion))] if include_usage else []
+
+        head = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}]) for i in range(len(tickets))]
+        return SSEResponse(sse_body(served, tickets, queue, t0, head, render, finish))
 
     @app.post("/v1/completions", summary="Text completion (OpenAI legacy)", openapi_extra=_schema(CompletionRequest))
     async def completions(request: Request):
@@ -575,43 +617,26 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
                 body["usage"] = use
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        async def sse():
-            choices = {i: _Choice(i) for i in range(len(tickets))}
-            try:
-                if req.echo:
-                    for i in choices:
-                        yield chunk([{"index": i, "text": prefix(i), "logprobs": None, "finish_reason": None}])
-                parts: list[str] = []
-                async for index, ev, t in events(served, tickets, queue, t0):
-                    if ev is not None:
-                        c = choices[index]
-                        before = len(c.tokens)
-                        c.add(ev, t)
-                        lp = None
-                        if want_lp and len(c.tokens) > before:
-                            part = _Choice(index)
-                            part.tokens = c.tokens[before:]
-                            lp = completion_logprobs(engine, part, len(prefix(index)) + len(c.text) - len(ev.text))
-                        if ev.text or lp or ev.finish_reason:
-                            parts.append(chunk([{"index": index, "text": ev.text, "logprobs": lp,
-                                                 "finish_reason": ev.finish_reason}]))
-                    if parts and queue.empty():  # one write for whatever arrived together
-                        yield "".join(parts)
-                        parts = []
-                if parts:
-                    yield "".join(parts)
-                prompt, completion = observe(served, choices, n, t0, request)
-                if include_usage:
-                    yield chunk([], usage(prompt, completion))
-                if capture:
-                    capture.write({"prompt": prompts[0], "completion": choices[0].text,
-                                   "metadata": {"model": req.model, "created": created, "id": cid}})
-                yield "data: [DONE]\n\n"
-            except ProtocolError as exc:
-                yield f"data: {json.dumps(exc.body())}\n\n"
+        def render(c: _Choice, ev: TokenEvent, before: int) -> list[str]:
+            lp = None
+            if want_lp and len(c.tokens) > before:
+                part = _Choice(c.index)
+                part.tokens = c.tokens[before:]
+                lp = completion_logprobs(engine, part, len(prefix(c.index)) + len(c.text) - len(ev.text))
+            if ev.text or lp or ev.finish_reason:
+                return [chunk([{"index": c.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])]
+            return []
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        def finish(choices: dict[int, _Choice]) -> list[str]:
+            prompt, completion = observe(served, choices, n, t0, request)
+            if capture:
+                capture.write({"prompt": prompts[0], "completion": choices[0].text,
+                               "metadata": {"model": req.model, "created": created, "id": cid}})
+            return [chunk([], usage(prompt, completion))] if include_usage else []
+
+        head = [chunk([{"index": i, "text": prefix(i), "logprobs": None, "finish_reason": None}])
+                for i in range(len(tickets))] if req.echo else []
+        return SSEResponse(sse_body(served, tickets, queue, t0, head, render, finish))
 
     return app
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from slmops.errors import BadInputError
+from slmops.errors import BadInputError, SlmopsError
 from slmops.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,36 @@ def check_name(name: str, what: str = "model") -> str:
     return name
 
 
+ISOLATION = ("auto", "process", "thread")
+# an engine worker sends the tokens of consecutive decode steps together when they come faster than this
+# (a request's first and last tokens always go at once): a fast model's stream arrives in bursts of a few
+# milliseconds instead of paying a process hop per token
+STREAM_INTERVAL_S = 0.010
+
+
 @dataclass
 class ModelSpec:
     ref: str  # what open_engine opens: artifact id/alias, folder, .gguf file, URL
     name: str
     adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> folder/file
     engine_options: dict[str, Any] = field(default_factory=dict)
+    # where the engine runs: "process" (an engine worker process, see serve.worker), "thread" (a thread of
+    # the server), or "auto": a worker process for the torch engine, whose decode loop holds the GIL
+    isolation: str = "auto"
+
+
+def use_worker_process(spec: ModelSpec, workspace=None) -> bool:
+    """Whether `spec` is served from an engine worker process (see `ModelSpec.isolation`)."""
+    if spec.isolation not in ISOLATION:
+        raise BadInputError(f"isolation {spec.isolation!r} is not one of {', '.join(ISOLATION)}")
+    if spec.isolation != "auto":
+        return spec.isolation == "process"
+    from slmops.engines import engine_kind_of
+
+    try:
+        return engine_kind_of(spec.ref, workspace) in ("torch", "adapter")
+    except SlmopsError:
+        return False  # loading reports it
 
 
 @dataclass
@@ -51,8 +75,9 @@ class ServedModel:
     """One declared model: its spec, and its engine + scheduler while loaded."""
 
     def __init__(self, spec: ModelSpec, *, workspace=None, max_batch_size: int = 16, max_queue: int = 64,
-                 on_batch=None):
+                 on_batch=None, stream_interval_s: float = 0.0):
         self.spec = spec
+        self.stream_interval_s = stream_interval_s
         self.workspace = workspace
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -69,11 +94,27 @@ class ServedModel:
     def load(self) -> Loaded:
         """Open the engine (once; concurrent callers wait for the same load)."""
         with self._lock:
+            if self.loaded is not None and getattr(self.loaded.scheduler, "dead", None) is not None:
+                crashed, self.loaded = self.loaded, None  # its worker process died: start a new one
+                crashed.scheduler.close()
             if self.loaded is not None:
                 return self.loaded
             from slmops.engines import open_engine
 
             t0 = time.perf_counter()
+            on_batch = (lambda n: self.on_batch(self.name, n)) if self.on_batch else None
+            if use_worker_process(self.spec, self.workspace):
+                from slmops.serve.worker import EngineWorker
+
+                worker = EngineWorker(self.spec.ref, name=self.name, adapters=self.spec.adapters,
+                                      engine_options=self.spec.engine_options, workspace=self.workspace,
+                                      max_batch_size=self.max_batch_size, max_queue=self.max_queue,
+                                      on_batch=on_batch, flush_interval_s=self.stream_interval_s)
+                self.loaded = Loaded(worker.engine, worker, time.time(), time.perf_counter() - t0)
+                self.last_used = time.monotonic()
+                log.info("loaded model %s from %s in %.1fs (engine worker pid %d)", self.name, self.spec.ref,
+                         self.loaded.load_s, worker.engine.pid)
+                return self.loaded
             opts = dict(self.spec.engine_options)
             engine = open_engine(self.spec.ref, workspace=self.workspace, **opts)
             for name, path in self.spec.adapters.items():
@@ -81,7 +122,6 @@ class ServedModel:
                     engine.close()
                     raise BadInputError(f"the {engine.name} engine of model {self.name} cannot load adapters")
                 engine.load_adapter(name, path)
-            on_batch = (lambda n: self.on_batch(self.name, n)) if self.on_batch else None
             scheduler = Scheduler(engine, max_batch_size=self.max_batch_size, max_queue=self.max_queue,
                                   name=self.name, on_batch=on_batch)
             self.loaded = Loaded(engine, scheduler, time.time(), time.perf_counter() - t0)
@@ -112,7 +152,8 @@ class ModelManager:
     """The server's model table."""
 
     def __init__(self, specs: list[ModelSpec], *, workspace=None, keep_alive_s: float = 0.0,
-                 max_batch_size: int = 16, max_queue: int = 64, on_batch=None):
+                 max_batch_size: int = 16, max_queue: int = 64, on_batch=None,
+                 stream_interval_s: float = STREAM_INTERVAL_S):
         self.models: dict[str, ServedModel] = {}
         self.keep_alive_s = keep_alive_s
         for spec in specs:
@@ -122,7 +163,8 @@ class ModelManager:
             if spec.name in self.models:
                 raise BadInputError(f"two models are named {spec.name!r}", "give each a name: MODEL=NAME")
             self.models[spec.name] = ServedModel(spec, workspace=workspace, max_batch_size=max_batch_size,
-                                                 max_queue=max_queue, on_batch=on_batch)
+                                                 max_queue=max_queue, on_batch=on_batch,
+                                                 stream_interval_s=stream_interval_s)
 
     def resolve(self, model: str) -> tuple[ServedModel, str | None]:
         """(served model, adapter name or None) for a client's `model` field: NAME, NAME:ADAPTER, or an

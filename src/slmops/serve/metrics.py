@@ -10,15 +10,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
-def rss_bytes() -> float:
-    """Resident memory of this process (the engines' weights and caches live here)."""
+def rss_bytes(pid: int | str = "self") -> float:
+    """Resident memory of a process (default: this one)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # pragma: no cover - not Linux
         import resource
 
-        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 if pid == "self" else 0.0
 
 
 class ServerMetrics:
@@ -40,10 +40,18 @@ class ServerMetrics:
         self.queue_depth = Gauge("slmops_queue_depth", "Requests waiting for a batch slot", ["model"], registry=r)
         self.running = Gauge("slmops_running_requests", "Requests being generated", ["model"], registry=r)
         self.loaded = Gauge("slmops_model_loaded", "1 when the model is loaded", ["model"], registry=r)
-        self.memory = Gauge("slmops_engine_memory_bytes", "Resident memory of the server process, which holds the "
-                            "loaded engines", registry=r)
-        self.memory.set_function(rss_bytes)
+        self.memory = Gauge("slmops_engine_memory_bytes", "Resident memory of the server process and its engine "
+                            "worker processes, which hold the loaded engines", registry=r)
+        self.memory.set_function(self.memory_bytes)
         self.manager = manager
+
+    def memory_bytes(self) -> float:
+        total = rss_bytes()
+        for m in (self.manager.models.values() if self.manager is not None else ()):
+            pid = getattr(m.loaded.engine, "pid", None) if m.loaded is not None else None
+            if pid:
+                total += rss_bytes(pid)
+        return total
 
     def refresh(self) -> None:
         """Update the gauges read from the schedulers (called before each scrape)."""

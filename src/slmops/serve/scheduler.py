@@ -23,16 +23,30 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from slmops.engines.base import GenerationRequest, TokenEvent
+from slmops.engines.base import ContextLengthExceeded, GenerationRequest, TokenEvent, prompt_too_long
 from slmops.engines.decoding import Row, step_event
 from slmops.errors import SlmopsError
 
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[TokenEvent | BaseException | None], None]
+
+
+def fit_context(row: Row, context: int, *, strict: bool) -> None:
+    """Make `row` (a prepared request) fit `context` tokens; see `Scheduler.submit`'s `fit`."""
+    n = len(row.prompt_ids)
+    if n >= context:
+        raise prompt_too_long(n, context)
+    want = row.request.max_new_tokens
+    if n + want > context:
+        if strict:
+            raise ContextLengthExceeded(f"the model's context is {context} tokens: the prompt ({n}) plus "
+                                        f"max_tokens ({want}) do not fit", f"ask for at most {context - n} tokens",
+                                        param="max_tokens")
+        row.request = replace(row.request, max_new_tokens=context - n)
 
 
 class Overloaded(SlmopsError):
@@ -83,10 +97,12 @@ class SchedulerStats:
 
 
 class Scheduler:
-    """Owns `engine` on a worker thread; see the module docs."""
+    """Owns `engine` on a worker thread; see the module docs. With ``threaded=False`` there is no thread:
+    the owner drives it with `run_once` (the process worker, whose one thread also reads its socket)."""
 
     def __init__(self, engine: Any, *, max_batch_size: int = 16, max_queue: int = 64, name: str = "",
-                 on_batch: Callable[[int], None] | None = None, continuous: bool = True):
+                 on_batch: Callable[[int], None] | None = None, continuous: bool = True,
+                 after_step: Callable[[], None] | None = None, threaded: bool = True):
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
         self.engine = engine
@@ -94,7 +110,9 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_batch_size = max(1, min(max_batch_size, int(getattr(engine, "max_batch_size", max_batch_size))))
         self._open_batch = getattr(engine, "open_batch", None) if continuous else None
+        self.context_length = engine.info().context_length if hasattr(engine, "info") else None
         self._on_batch = on_batch
+        self._after_step = after_step  # called on the worker thread after each step (the process worker flushes)
         self._waiting: deque[Ticket] = deque()
         self._cv = threading.Condition()
         self._accepting = True
@@ -102,15 +120,28 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._running = 0
         self._avg_request_s = 1.0  # for Retry-After
-        self._thread = threading.Thread(target=self._run, name=f"slmops-scheduler-{self.name}", daemon=True)
-        self._thread.start()
+        self._batches: dict[str | None, Any] = {}  # continuous: adapter -> running batch
+        self._static: list[Any] = []  # static: [(tickets, steps iterator)]
+        self._active: dict[int, Ticket] = {}  # id(row) -> ticket
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name=f"slmops-scheduler-{self.name}", daemon=True)
+            self._thread.start()
 
     # --- client side ------------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, deliver: Deliver, *, timeout: float | None = None) -> Ticket:
+    def submit(self, request: GenerationRequest, deliver: Deliver, *, timeout: float | None = None,
+               fit: str | None = None, wake: bool = True) -> Ticket:
         """Queue `request`. Raises BadInputError (bad request: unknown adapter, prompt longer than the
-        context) before queueing, `Overloaded` when the queue is full, `ShuttingDown` when closing."""
+        context) before queueing, `Overloaded` when the queue is full, `ShuttingDown` when closing.
+
+        `fit` checks the request against the model's context: "clamp" lowers max_new_tokens to what is
+        left of the context after the prompt, "strict" raises `ContextLengthExceeded` instead (a client that
+        asked for that many tokens); None leaves it to the engine. `wake=False` leaves the worker asleep until
+        `wake()` (the process worker answers its server first, then lets decoding take the GIL)."""
         adapter = self.engine.resolve_adapter(request.adapter)
         row = self.engine.prepare(request)  # tokenizes: errors surface here, to the caller
+        if fit is not None and self.context_length:
+            fit_context(row, self.context_length, strict=fit == "strict")
         ticket = Ticket(request=request, adapter=adapter, deliver=deliver, row=row,
                         deadline=time.perf_counter() + timeout if timeout else None)
         with self._cv:
@@ -121,8 +152,14 @@ class Scheduler:
                                  retry_after=self.retry_after())
             self._waiting.append(ticket)
             self.stats.waiting = len(self._waiting)
-            self._cv.notify()
+            if wake:
+                self._cv.notify()
         return ticket
+
+    def wake(self) -> None:
+        """Start work submitted with `wake=False`."""
+        with self._cv:
+            self._cv.notify()
 
     def retry_after(self) -> float:
         """Seconds a client should wait before retrying (about one batch's time)."""
@@ -148,39 +185,71 @@ class Scheduler:
             self._cv.notify_all()
         end = time.perf_counter() + grace_s
         while grace_s > 0 and not self.idle and time.perf_counter() < end:
-            time.sleep(0.02)
+            if self._thread is None:
+                self.run_once(wait_s=0)
+            else:
+                time.sleep(0.02)
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        else:
+            self._drain()
 
     # --- worker -----------------------------------------------------------------------------------
     def _run(self) -> None:
-        batches: dict[str | None, Any] = {}  # continuous: adapter -> running batch
-        static: list[Any] = []  # static: [(tickets, steps iterator)]
-        active: dict[int, Ticket] = {}  # id(row) -> ticket
-        while True:
+        while self.run_once(wait_s=0.5):
+            pass
+        self._drain()
+
+    @property
+    def busy(self) -> bool:
+        """Requests are waiting or running: `run_once` has work."""
+        return bool(self._waiting or self._active)
+
+    def run_once(self, wait_s: float = 0.0) -> bool:
+        """One round of the worker: admit waiting requests, run one decode step, deliver its events. Waits up
+        to `wait_s` for work when there is none. False once the scheduler is stopped."""
+        active, batches, static = self._active, self._batches, self._static
+        if self._waiting or not active or self._stop:  # (unlocked peek: the common decode step skips the lock)
             with self._cv:
-                while not self._stop and not self._waiting and not active:
-                    self._cv.wait(timeout=0.5)
+                if not self._stop and not self._waiting and not active and wait_s > 0:
+                    self._cv.wait(timeout=wait_s)
                 if self._stop:
-                    break
+                    return False
                 admitted = self._take(active, batches, static)
-            try:
-                if self._open_batch is not None:
-                    self._continuous_step(admitted, batches, active)
-                else:
-                    self._static_step(admitted, static, active)
-            except Exception as exc:  # noqa: BLE001 - an engine failure fails its requests, not the server
-                log.exception("engine %s failed during a decode step", self.name)
-                for t in list(active.values()):
-                    self._finish(t, exc, active)
-                batches.clear()
-                static.clear()
-            self._running = len(active)
-        for t in list(active.values()) + list(self._waiting):
+            if not admitted and not active:
+                if self._after_step is not None:  # (a queued request may have timed out)
+                    self._after_step()
+                return True
+        else:
+            admitted = []
+        try:
+            if self._open_batch is not None:
+                self._continuous_step(admitted, batches, active)
+            else:
+                self._static_step(admitted, static, active)
+        except Exception as exc:  # noqa: BLE001 - an engine failure fails its requests, not the server
+            log.exception("engine %s failed during a decode step", self.name)
+            for t in list(active.values()):
+                self._finish(t, exc, active)
+            batches.clear()
+            static.clear()
+        self._running = len(active)
+        if self._after_step is not None:
+            self._after_step()
+        return True
+
+    def _drain(self) -> None:
+        """After stopping: every request still queued or running gets `ShuttingDown`."""
+        for t in list(self._active.values()) + list(self._waiting):
             self._safe_deliver(t, ShuttingDown(f"model {self.name} stopped before the request finished"))
+        self._active.clear()
         self._waiting.clear()
+        self._running = 0
+        if self._after_step is not None:
+            self._after_step()
 
     def _take(self, active: dict[int, Ticket], batches: dict, static: list) -> list[Ticket]:
         """Waiting tickets that start now (under the lock)."""
@@ -214,6 +283,16 @@ class Scheduler:
         return taken
 
     def _continuous_step(self, admitted: list[Ticket], batches: dict, active: dict[int, Ticket]) -> None:
+        if not admitted and len(batches) == 1:  # the common step: one running batch, nobody joining
+            batch = next(iter(batches.values()))
+            if self._on_batch:
+                self._on_batch(len(batch))
+            batch.step()
+            self.stats.steps += 1
+            self._emit(batch.rows, batch, active)
+            if not len(batch):
+                batches.clear()
+            return
         by_adapter: dict[str | None, list[Ticket]] = {}
         for t in admitted:
             by_adapter.setdefault(t.adapter, []).append(t)
@@ -240,7 +319,7 @@ class Scheduler:
         """Deliver each row's step event; drop finished, cancelled and expired rows from `batch`."""
         gone = []
         now = time.perf_counter()
-        for row in rows:
+        for row in list(rows):
             t = active.get(id(row))
             if t is None:
                 continue
@@ -309,4 +388,4 @@ class Scheduler:
             log.exception("delivering to a request failed")
 
 
-__all__ = ["Overloaded", "RequestTimeout", "Scheduler", "SchedulerStats", "ShuttingDown", "Ticket"]
+__all__ = ["Overloaded", "fit_context", "RequestTimeout", "Scheduler", "SchedulerStats", "ShuttingDown", "Ticket"]
