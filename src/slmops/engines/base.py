@@ -28,6 +28,14 @@ class ContextLengthExceeded(BadInputError):
         self.param = param
 
 
+def refuse_json_schema(engine_name: str, request: GenerationRequest) -> None:
+    """For engines without grammars: a request with a JSON schema is refused with what to do instead."""
+    if request.json_schema is not None:
+        raise BadInputError(f"the {engine_name} engine cannot constrain answers to a JSON schema",
+                            "use response_format json_object (any JSON object) and validate the answer, or "
+                            "serve a GGUF export (llama.cpp engine), which follows JSON schemas with a grammar")
+
+
 def prompt_too_long(n_prompt: int, context: int) -> ContextLengthExceeded:
     return ContextLengthExceeded(f"the prompt is {n_prompt} tokens, the model's context is {context}",
                                  "shorten the prompt")
@@ -59,6 +67,8 @@ class GenerationRequest:
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
     top_logprobs: int = 0  # also report the n most likely tokens (and log-probabilities) at each step
     json_mode: bool = False  # constrain the answer to one JSON object (OpenAI's response_format json_object)
+    # constrain the answer to this JSON schema (OpenAI's response_format json_schema): engines with grammars
+    json_schema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
@@ -76,6 +86,8 @@ class GenerationRequest:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise BadInputError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise BadInputError("json_schema must be a JSON object (a JSON schema)")
         if not 0 <= self.top_logprobs <= 20:
             raise BadInputError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
 

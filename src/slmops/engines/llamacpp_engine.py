@@ -454,7 +454,34 @@ class LlamaCppEngine(JsonMode):
         rng = None
         if request.temperature > 0:
             rng = np.random.default_rng(request.seed)
-        return Row(request=request, prompt_ids=ids, rng=rng)
+        row = Row(request=request, prompt_ids=ids, rng=rng)
+        if request.json_schema is not None:
+            row.grammar = self._schema_grammar(request.json_schema)
+        return row
+
+    supports_json_schema = True
+
+    def _schema_grammar(self, schema: dict) -> _Grammar:
+        """llama.cpp's grammar sampler for `schema` (llama-cpp-python converts the schema to GBNF)."""
+        import json
+
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            gbnf = json_schema_to_gbnf(json.dumps(schema))
+        except Exception as exc:  # noqa: BLE001 - the converter raises plain exceptions on bad schemas
+            raise BadInputError(f"the JSON schema cannot be turned into a grammar: {exc}",
+                                "check the schema (types, properties, $ref targets)") from None
+        sampler = self._lc.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
+        if not sampler:
+            raise BadInputError("llama.cpp could not compile the grammar of this JSON schema")
+        return _Grammar(self._lc, sampler, self.n_vocab)
+
+    def _allowed(self, row: Row, logits):
+        grammar = getattr(row, "grammar", None)
+        if grammar is not None:
+            return grammar.allowed(logits)
+        return super()._allowed(row, logits)
 
     def _decode_one(self, token_id: int) -> str:
         return self.detokenize([token_id])
@@ -494,8 +521,34 @@ class LlamaCppEngine(JsonMode):
         while not row.finish_reason:
             logits = self._eval(row, row.prompt_ids + row.ids, adapter)
             tok, lp = pick_token(row.request, logits, row.rng, row.ids, row.top, self._allowed(row, logits))
+            grammar = getattr(row, "grammar", None)
+            if grammar is not None:
+                grammar.accept(tok)
             self._advance(row, tok, lp, time.perf_counter())
             yield
+
+
+class _Grammar:
+    """A llama.cpp grammar sampler for one request: which tokens may come next, and the chosen one."""
+
+    def __init__(self, lc, sampler, n_vocab: int):
+        from llama_cpp._internals import LlamaTokenDataArray
+
+        self._lc, self._sampler = lc, sampler
+        self._cands = LlamaTokenDataArray(n_vocab=n_vocab)
+        self._finalizer = weakref.finalize(self, lc.llama_sampler_free, sampler)
+
+    def allowed(self, logits) -> list[int]:
+        import numpy as np
+
+        self._cands.copy_logits(np.asarray(logits, dtype=np.single))
+        self._lc.llama_sampler_apply(self._sampler, ctypes.byref(self._cands.candidates))
+        data = self._cands.candidates_data
+        keep = np.isfinite(data.logit)
+        return data.id[keep].tolist()
+
+    def accept(self, token: int) -> None:
+        self._lc.llama_sampler_accept(self._sampler, token)
 
 
 __all__ = ["LlamaCppEngine"]

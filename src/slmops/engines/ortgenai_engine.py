@@ -37,6 +37,7 @@ from slmops.engines.base import (
     TokenEvent,
     find_stop,
     prompt_too_long,
+    refuse_json_schema,
 )
 from slmops.engines.decoding import (
     JsonMode,
@@ -300,6 +301,7 @@ class OrtGenAIEngine(JsonMode):
     def prepare(self, request: GenerationRequest) -> Row:
         import numpy as np
 
+        refuse_json_schema(self.name, request)
         ids = self.tokenize(self.render(request))
         if not ids:
             raise BadInputError("the prompt is empty after tokenization")

@@ -28,6 +28,7 @@ from slmops.engines.base import (
     TokenEvent,
     find_stop,
     prompt_too_long,
+    refuse_json_schema,
 )
 from slmops.engines.decoding import (
     JsonMode,
@@ -277,6 +278,7 @@ class TorchEngine(JsonMode):
     def prepare(self, request: GenerationRequest) -> Row:
         import torch
 
+        refuse_json_schema(self.name, request)
         ids = self.tokenize(self.render(request))
         if not ids:
             raise BadInputError("the prompt is empty after tokenization")

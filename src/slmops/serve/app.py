@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,11 +294,19 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         request.state.model, request.state.adapter = served.name, adapter or ""
         fmt = getattr(req, "response_format", None)
         json_mode = fmt is not None and fmt.type == "json_object"
+        schema = None
         if fmt is not None and fmt.type == "json_schema":
-            raise ProtocolError("response_format json_schema is not supported yet; use json_object (any JSON "
-                                "object) and validate the answer", param="response_format")
+            schema = (fmt.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ProtocolError("response_format json_schema needs json_schema.schema, a JSON schema object",
+                                    param="response_format")
         loaded = await ensure_loaded(served)
         engine = loaded.engine
+        if schema is not None and not getattr(engine, "supports_json_schema", False):
+            raise ProtocolError(f"response_format json_schema needs a model on the llama.cpp engine (a GGUF "
+                                f"export, which follows the schema with a grammar); {served.name} runs on the "
+                                f"{engine.name} engine: use json_object and validate the answer",
+                                param="response_format")
         n = int(req.n or 1)
         explicit = bool({"max_tokens", "max_completion_tokens"} & req.model_fields_set)
         want = requested_max_tokens(req, config.default_max_tokens)
@@ -309,18 +318,29 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         served.in_flight += 1
         served.last_used = time.monotonic()
         prompt_param = "messages" if kind == "chat" else "prompt"
+        pending: deque = deque()  # filled by the scheduler's thread, emptied into `queue` on the loop
+        woken = [False]
+
+        def drain() -> None:
+            woken[0] = False
+            while pending:
+                queue.put_nowait(pending.popleft())
+
         try:
             for p_i, prompt in enumerate(prompts):
                 try:
                     gen_reqs = to_generation_requests({**prompt, **sampling_kwargs(req, want), "adapter": adapter,
-                                                       "json_mode": json_mode}, n, req.seed)
+                                                       "json_mode": json_mode, "json_schema": schema}, n, req.seed)
                 except BadInputError as exc:
                     raise ProtocolError(exc.message) from None
                 for j, gr in enumerate(gen_reqs):
                     index = p_i * n + j
 
                     def deliver(item, at=None, index=index):  # `at`: when the engine made it, if known
-                        loop.call_soon_threadsafe(queue.put_nowait, (index, item, at or time.perf_counter()))
+                        pending.append((index, item, at or time.perf_counter()))
+                        if not woken[0]:  # one loop wake-up for the events that arrive together
+                            woken[0] = True
+                            loop.call_soon_threadsafe(drain)
 
                     try:
                         tickets.append(loaded.scheduler.submit(gr, deliver, timeout=config.request_timeout_s,
@@ -533,11 +553,11 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
             if capture:
                 capture.write({"messages": messages + [{"role": "assistant", "content": choices[0].text}],
                                "metadata": {"model": model_id, "created": created, "id": cid}})
-            return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
+            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                     "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                                  "logprobs": {"content": logprob_items(engine, c)} if want_lp else None,
                                  "finish_reason": c.finish_reason or "length"} for i, c in choices.items()],
-                    "usage": usage(prompt, completion), "system_fingerprint": f"slmops-{__version__}"}
+                    "usage": usage(prompt, completion), "system_fingerprint": f"slmops-{__version__}"})
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -602,11 +622,11 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
             if capture:
                 capture.write({"prompt": prompts[0], "completion": choices[0].text,
                                "metadata": {"model": req.model, "created": created, "id": cid}})
-            return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+            return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": req.model,
                     "choices": [{"index": i, "text": prefix(i) + c.text,
                                  "logprobs": completion_logprobs(engine, c, len(prefix(i))) if want_lp else None,
                                  "finish_reason": c.finish_reason or "length"} for i, c in choices.items()],
-                    "usage": usage(prompt, completion), "system_fingerprint": f"slmops-{__version__}"}
+                    "usage": usage(prompt, completion), "system_fingerprint": f"slmops-{__version__}"})
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 

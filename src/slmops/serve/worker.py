@@ -136,6 +136,7 @@ class WorkerEngine:
         self.name: str = ready["name"]
         self._info = ready["info"]
         self.adapters: list[str] = list(ready["adapters"])
+        self.supports_json_schema: bool = ready.get("json_schema", False)
         self.pid: int = ready["pid"]
         self._texts: dict[int, str] = {}
 
@@ -429,7 +430,8 @@ def _serve(conn: Connection) -> None:
         return
     conn.send(("ready", {"name": engine.name, "info": engine.info(), "pid": os.getpid(),
                          "clock": time.perf_counter(), "adapters": list(getattr(engine, "adapters", []) or []),
-                         "max_batch_size": sched.max_batch_size}))
+                         "max_batch_size": sched.max_batch_size,
+                         "json_schema": bool(getattr(engine, "supports_json_schema", False))}))
 
     def handle(msg: tuple) -> bool:
         """One message from the server; False on close."""
