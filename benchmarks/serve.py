@@ -559,7 +559,16 @@ async def _http_wave(url: str, model: str, prompts: list[list[dict]], concurrenc
 
 def http_wave(server: ServerProcess, model: str, prompts, concurrency: int, n: int, max_tokens: int,
               stream: bool = True, extra: dict | None = None) -> dict:
-    return asyncio.run(_http_wave(server.url, model, prompts, concurrency, n, max_tokens, stream, extra))
+    return run_async(_http_wave(server.url, model, prompts, concurrency, n, max_tokens, stream, extra))
+
+
+def run_async(coro):
+    """Run the load generator on uvloop when it is installed (less client overhead per request), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def inproc_wave(engine, prompts, concurrency: int, n: int, max_tokens: int, scheduler: bool | None = None) -> dict:

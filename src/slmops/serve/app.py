@@ -146,6 +146,8 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        for m in manager.models.values():
+            m.loop = asyncio.get_running_loop()
         task = asyncio.create_task(reaper())
         if config.preload:
             try:

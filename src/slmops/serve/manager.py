@@ -78,6 +78,7 @@ class ServedModel:
                  on_batch=None, stream_interval_s: float = 0.0):
         self.spec = spec
         self.stream_interval_s = stream_interval_s
+        self.loop = None  # the server's event loop: it reads engine workers' sockets (set by the app)
         self.workspace = workspace
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -109,7 +110,8 @@ class ServedModel:
                 worker = EngineWorker(self.spec.ref, name=self.name, adapters=self.spec.adapters,
                                       engine_options=self.spec.engine_options, workspace=self.workspace,
                                       max_batch_size=self.max_batch_size, max_queue=self.max_queue,
-                                      on_batch=on_batch, flush_interval_s=self.stream_interval_s)
+                                      on_batch=on_batch, flush_interval_s=self.stream_interval_s,
+                                      loop=self.loop)
                 self.loaded = Loaded(worker.engine, worker, time.time(), time.perf_counter() - t0)
                 self.last_used = time.monotonic()
                 log.info("loaded model %s from %s in %.1fs (engine worker pid %d)", self.name, self.spec.ref,

@@ -165,8 +165,11 @@ class EngineWorker:
     def __init__(self, ref: str, *, name: str, adapters: dict[str, str] | None = None,
                  engine_options: dict[str, Any] | None = None, workspace: Any = None, max_batch_size: int = 16,
                  max_queue: int = 64, on_batch=None, flush_interval_s: float = 0.0,
-                 load_timeout_s: float = 1800.0):
+                 load_timeout_s: float = 1800.0, loop=None):
         self.name = name
+        self._loop = None  # the event loop that reads the socket, or None: a reader thread does
+        self._loop_thread: int | None = None
+        self._reader: threading.Thread | None = None
         self._on_batch = on_batch
         self._tickets: dict[int, WorkerTicket] = {}
         self._calls: dict[int, list] = {}  # call id -> [threading.Event, ok, value]
@@ -199,8 +202,11 @@ class EngineWorker:
         self._clock = time.perf_counter() - ready["clock"]
         self.max_batch_size = ready["max_batch_size"]
         self.engine = WorkerEngine(self, ready)
-        self._reader = threading.Thread(target=self._read, name=f"slmops-worker-{name}", daemon=True)
-        self._reader.start()
+        if loop is not None and loop.is_running():
+            self._attach(loop)
+        else:
+            self._reader = threading.Thread(target=self._read, name=f"slmops-worker-{name}", daemon=True)
+            self._reader.start()
 
     def _handshake(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -268,8 +274,12 @@ class EngineWorker:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self._kill()
+        self._detach()
+        if self._reader is None and self.dead is None:
+            self._lost(EOFError("closed"))  # (the reader thread does this when the socket closes)
         self._conn.close()
-        self._reader.join(timeout=5)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
 
     # --- plumbing ---------------------------------------------------------------------------------
     def _send(self, msg: tuple) -> None:
@@ -288,7 +298,15 @@ class EngineWorker:
         except OSError as exc:
             self._calls.pop(cid, None)
             raise EngineCrashed(f"the engine worker of model {self.name} is gone ({exc})") from None
-        if not slot[0].wait(timeout):
+        if self._read_inline():
+            deadline = time.monotonic() + timeout
+            try:
+                while not slot[0].is_set() and self._conn.poll(max(0.0, deadline - time.monotonic())):
+                    self._dispatch(self._conn.recv())
+            except (EOFError, OSError) as exc:
+                self._detach()
+                self._lost(exc)
+        if not slot[0].wait(0 if self._read_inline() else timeout):
             self._calls.pop(cid, None)
             raise TimeoutError(f"the engine worker of model {self.name} did not answer {msg[0]} in {timeout:.0f}s")
         if not slot[1]:
@@ -302,56 +320,114 @@ class EngineWorker:
             except OSError:
                 pass
 
+    def _dispatch(self, msg: tuple) -> None:
+        """One message from the worker: a step's events (to their tickets) or a call's answer."""
+        kind = msg[0]
+        if kind == "events":
+            self.stats = msg[3]
+            clock, tickets = self._clock, self._tickets
+            for tid, item, at in msg[1]:
+                if type(item) is tuple:
+                    item = unpack_error(item)
+                t = tickets.get(tid) if item is not None and not isinstance(item, BaseException) \
+                    else tickets.pop(tid, None)
+                if t is not None:
+                    try:
+                        t.deliver(item, at + clock)
+                    except Exception:  # noqa: BLE001 - one broken consumer must not stop the reader
+                        log.exception("delivering to a request failed")
+            if self._on_batch is not None:
+                for n in msg[2]:
+                    self._on_batch(n)
+        elif kind == "ret":
+            slot = self._calls.pop(msg[1], None)
+            if slot is not None:
+                slot[1], slot[2] = msg[2], msg[3]
+                slot[0].set()
+
     def _read(self) -> None:
-        conn = self._conn
-        tickets, calls = self._tickets, self._calls
+        """The reader thread (when no event loop reads the socket)."""
         try:
             while True:
-                msg = conn.recv()
-                kind = msg[0]
-                if kind == "events":
-                    self.stats = msg[3]
-                    clock = self._clock
-                    for tid, item, at in msg[1]:
-                        if type(item) is tuple:
-                            item = unpack_error(item)
-                        t = tickets.get(tid) if item is not None and not isinstance(item, BaseException) \
-                            else tickets.pop(tid, None)
-                        if t is not None:
-                            try:
-                                t.deliver(item, at + clock)
-                            except Exception:  # noqa: BLE001 - one broken consumer must not stop the reader
-                                log.exception("delivering to a request failed")
-                    if self._on_batch is not None:
-                        for n in msg[2]:
-                            self._on_batch(n)
-                elif kind == "ret":
-                    slot = calls.pop(msg[1], None)
-                    if slot is not None:
-                        slot[1], slot[2] = msg[2], msg[3]
-                        slot[0].set()
+                self._dispatch(self._conn.recv())
         except (EOFError, OSError) as exc:
-            if self._closing:
-                reason = "the model was unloaded"
-                err: BaseException = ShuttingDown(f"model {self.name} stopped before the request finished")
-            else:
-                code = self.proc.poll()
-                reason = f"exited with code {code}" if code is not None else f"connection lost ({exc})"
-                log.error("the engine worker of model %s %s", self.name, reason)
-                err = EngineCrashed(f"the engine of model {self.name} crashed ({reason})",
-                                    "the model loads again on its next request; see the server's log")
-            self.dead = err
-            for slot in list(calls.values()):
-                slot[1], slot[2] = False, pack_error(err)
-                slot[0].set()
-            calls.clear()
-            for t in list(tickets.values()):
-                try:
-                    t.deliver(err)
-                except Exception:  # noqa: BLE001
-                    log.exception("delivering to a request failed")
-            tickets.clear()
-            self.stats = SchedulerStats()
+            self._lost(exc)
+
+    def _attach(self, loop) -> None:
+        """Read the worker's socket on the server's event loop: a message wakes the loop directly, with no
+        reader thread (and GIL hand-off) in between."""
+        added = threading.Event()
+
+        def add() -> None:
+            self._loop_thread = threading.get_ident()
+            loop.add_reader(self._conn.fileno(), self._on_readable)
+            added.set()
+
+        self._loop = loop
+        loop.call_soon_threadsafe(add)
+        if not added.wait(30):
+            raise EngineCrashed(f"the server's event loop did not take the engine worker of model {self.name}")
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll(0):
+                self._dispatch(self._conn.recv())
+        except (EOFError, OSError) as exc:
+            self._detach()
+            self._lost(exc)
+
+    def _detach(self) -> None:
+        """Stop reading the socket on the event loop (idempotent; from any thread)."""
+        loop, self._loop = self._loop, None
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:
+            loop.remove_reader(self._conn.fileno())
+            return
+        removed = threading.Event()
+
+        def remove() -> None:
+            loop.remove_reader(self._conn.fileno())
+            removed.set()
+
+        try:
+            loop.call_soon_threadsafe(remove)
+        except RuntimeError:  # the loop is closed
+            return
+        if loop.is_running():
+            removed.wait(10)
+
+    def _read_inline(self) -> bool:
+        """Whether a caller waiting for an answer must read the socket itself: it is the event loop's thread
+        (which would otherwise be the reader), or the loop that reads it has stopped."""
+        loop = self._loop
+        return loop is not None and (threading.get_ident() == self._loop_thread or not loop.is_running())
+
+    def _lost(self, exc: BaseException) -> None:
+        """The worker's socket closed: fail what is pending (ShuttingDown on unload, else EngineCrashed)."""
+        calls, tickets = self._calls, self._tickets
+        if self.dead is not None:
+            return
+        if self._closing:
+            err: BaseException = ShuttingDown(f"model {self.name} stopped before the request finished")
+        else:
+            code = self.proc.poll()
+            reason = f"exited with code {code}" if code is not None else f"connection lost ({exc})"
+            log.error("the engine worker of model %s %s", self.name, reason)
+            err = EngineCrashed(f"the engine of model {self.name} crashed ({reason})",
+                                "the model loads again on its next request; see the server's log")
+        self.dead = err
+        for slot in list(calls.values()):
+            slot[1], slot[2] = False, pack_error(err)
+            slot[0].set()
+        calls.clear()
+        for t in list(tickets.values()):
+            try:
+                t.deliver(err)
+            except Exception:  # noqa: BLE001
+                log.exception("delivering to a request failed")
+        tickets.clear()
+        self.stats = SchedulerStats()
 
     def _kill(self) -> None:
         if self.proc.poll() is None:
