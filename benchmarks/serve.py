@@ -1,14 +1,16 @@
 """Serving benchmark: the OpenAI-compatible server against the same engine called in-process, and against
 llama-cpp-python's own server, at concurrency 1, 4 and 16; then a soak with malformed requests.
 
-One run, on this machine (every engine with 2 threads):
+One run, on this machine (the ONNX and GGUF engines with 2 threads; the torch engine, in the server's engine
+worker process and in-process alike, with `slmops serve`'s default for a worker: all cores but one, i.e. 1):
   * engines: the demo student (torch engine, HF folder: the distillation benchmark's student when it exists,
     else a quickly trained one), the Qwen2.5-0.5B-shaped preset with random weights exported to int4 ONNX
     (ort-genai engine) and to q4_k_m GGUF (llama.cpp engine); the same GGUF also served by llama-cpp-python's
     own OpenAI server (`python -m llama_cpp.server`);
-  * every server is a subprocess (the load generator never shares its GIL); the load generator is an asyncio
-    client (httpx2) sending streaming chat requests with fixed demo-task prompts, temperature 0 and a fixed
-    max_tokens, keeping `concurrency` requests in flight;
+  * every server is a subprocess (the load generator never shares its GIL); the load generator is a minimal
+    asyncio HTTP/1.1 client (`LeanHTTP`, on uvloop) sending streaming chat requests with fixed demo-task
+    prompts, temperature 0 and a fixed max_tokens, keeping `concurrency` requests in flight; it parses only
+    the events it needs (first content, usage), so its own CPU on the same 2 cores stays small;
   * per engine and concurrency: aggregate generated tokens/s (completion tokens of the wave / wall time of
     the wave) and p50/p95 time to first token (first content chunk);
   * side by side, the same engine in this process, no HTTP: concurrency 1 is `engine.stream()` one request
@@ -17,7 +19,8 @@ One run, on this machine (every engine with 2 threads):
     order alternating each round; medians), since the machine is noisy;
   * soak: --soak-requests (2,000) requests at concurrency 16 against the demo student's server, 5% malformed
     (each must get a 4xx), the good ones streaming and not, small max_tokens: 5xx count, good requests
-    answered, server RSS after a warm-up (the first 10%, at most 200 requests) and at the end.
+    answered, server RSS (with its engine worker process) after a warm-up (the first 10%, at most 200
+    requests) and at the end.
 
 Figures: `server_overhead_c1` = 1 - server tok/s / in-process tok/s at concurrency 1 (demo student; per
 engine in `server_overhead_c1_by_engine`), `scaling_c16_over_c1` = server tok/s at 16 / at 1 (demo student).
