@@ -201,3 +201,28 @@ def test_cli_promote_rollback_history_aliases(ws, capsys):
     assert "registry promote" in capsys.readouterr().err
     assert run(["-w", w, "registry", "alias", "student@candidate", never]) == 0
     assert ws.manifest("student@candidate").id == never
+
+
+def _open_registry(path: str, barrier) -> None:
+    from slmops.registry import Registry
+
+    barrier.wait()
+    Registry(path).close()
+
+
+def test_processes_opening_a_new_registry_together_do_not_fail(tmp_path):
+    """`accelerate launch` ranks open a fresh workspace at the same moment: the switch to WAL must wait for
+    the other process instead of failing with "database is locked"."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n = 6
+    for i in range(10):
+        path = str(tmp_path / f"r{i}" / "registry.sqlite")
+        barrier = ctx.Barrier(n)
+        procs = [ctx.Process(target=_open_registry, args=(path, barrier)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * n

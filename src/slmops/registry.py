@@ -83,9 +83,30 @@ class Registry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._retry_locked(self._setup)
+
+    def _setup(self) -> None:
+        # switching a new database to WAL needs an exclusive lock and does not wait on the busy timeout, so
+        # processes opening a fresh workspace together (e.g. `accelerate launch` ranks) may see "locked"
+        if str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+
+    @staticmethod
+    def _retry_locked(fn, wait_s: float = 30.0) -> None:
+        """Run `fn`, retrying for up to `wait_s` while another process holds the database locked."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.02
+        while True:
+            try:
+                fn()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(0.5, delay * 2)
 
     def close(self) -> None:
         self._db.close()
