@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -203,26 +204,29 @@ def test_cli_promote_rollback_history_aliases(ws, capsys):
     assert ws.manifest("student@candidate").id == never
 
 
-def _open_registry(path: str, barrier) -> None:
-    from slmops.registry import Registry
-
-    barrier.wait()
-    Registry(path).close()
+OPEN_AT = """
+import sys, time
+from slmops.registry import Registry
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+Registry(sys.argv[2]).close()
+"""
 
 
 def test_processes_opening_a_new_registry_together_do_not_fail(tmp_path):
     """`accelerate launch` ranks open a fresh workspace at the same moment: the switch to WAL must wait for
     the other process instead of failing with "database is locked"."""
-    import multiprocessing as mp
+    import os
+    import subprocess
+    import sys
+    import time
 
-    ctx = mp.get_context("spawn")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
     n = 6
-    for i in range(10):
+    for i in range(6):
         path = str(tmp_path / f"r{i}" / "registry.sqlite")
-        barrier = ctx.Barrier(n)
-        procs = [ctx.Process(target=_open_registry, args=(path, barrier)) for _ in range(n)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(60)
-        assert [p.exitcode for p in procs] == [0] * n
+        start = time.time() + 1.5  # after every process has imported slmops
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, str(start), path], env=env,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(n)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * n, "\n".join(e for e in errors if e)[-2000:]
