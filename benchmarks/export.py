@@ -77,11 +77,18 @@ def speed(ref: str, prompts: list, n: int, max_new_tokens: int) -> dict:
     return out
 
 
-def qwen_shape(work: Path) -> Path:
-    """The Qwen2.5-0.5B-shaped preset (real vocabulary size) with random weights and the demo tokenizer."""
+def qwen_shape(work: Path, zero_unused_rows: bool = False) -> Path:
+    """The Qwen2.5-0.5B-shaped preset (real vocabulary size) with random weights and the demo tokenizer.
+
+    `zero_unused_rows` (benchmarks/serve.py) zeroes the (tied) embedding rows past the tokenizer's vocabulary:
+    their logits are then 0 while the real tokens' are random around 0, so greedy decoding picks tokens the
+    tokenizer can print (streamed content, so a time to first token) instead of ids with no text. Same shape,
+    size and compute per token."""
     out = work / "sources" / "qwen2.5-0.5b-shape"
     if (out / "config.json").exists():
         return out
+    import torch
+
     from slmops.models.create import write_model_folder
     from slmops.models.load import load_tokenizer
     from slmops.models.presets import create_model
@@ -90,6 +97,9 @@ def qwen_shape(work: Path) -> Path:
     model = create_model("qwen2.5-0.5b-shape", seed=0)
     for c in (model.config, model.generation_config):
         c.eos_token_id, c.pad_token_id, c.bos_token_id = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
+    if zero_unused_rows:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[len(tok):] = 0.0
     write_model_folder(model, tok, out)
     return out
 

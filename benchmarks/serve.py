@@ -103,28 +103,11 @@ def demo_student(cache: Path) -> Path:
 
 
 def qwen_shape(cache: Path) -> Path:
-    """The Qwen2.5-0.5B-shaped preset (real vocabulary size) with random weights and the demo tokenizer, as
-    benchmarks/export.py builds it, except that the (tied) embedding rows past the tokenizer's vocabulary are
-    zero: their logits are then 0 while the real tokens' are random around 0, so greedy decoding picks tokens the
-    tokenizer can print (streamed content, so a time to first token) instead of ids with no text. Same shape,
-    size and compute per token."""
-    import torch
+    """benchmarks/export.py's Qwen2.5-0.5B-shaped preset, with the embedding rows past the demo tokenizer's
+    vocabulary zeroed (so greedy decoding streams printable text; see its docs)."""
+    from export import qwen_shape as build
 
-    from slmops.models.create import write_model_folder
-    from slmops.models.load import load_tokenizer
-    from slmops.models.presets import create_model
-
-    out = cache / "sources" / "qwen2.5-0.5b-shape"
-    if (out / "config.json").exists():
-        return out
-    tok = load_tokenizer(str(BUNDLED_TEACHER_DIR))
-    model = create_model("qwen2.5-0.5b-shape", seed=0)
-    for c in (model.config, model.generation_config):
-        c.eos_token_id, c.pad_token_id, c.bos_token_id = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
-    with torch.no_grad():
-        model.get_input_embeddings().weight[len(tok):] = 0.0
-    write_model_folder(model, tok, out)
-    return out
+    return build(cache, zero_unused_rows=True)
 
 
 def qwen_exports(cache: Path) -> tuple[Path, Path]:
