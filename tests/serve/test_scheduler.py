@@ -3,7 +3,6 @@ cancellation and timeouts free the slot, shutdown answers every waiting request.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -11,32 +10,14 @@ import pytest
 from slmops.engines import GenerationRequest, open_engine
 from slmops.serve.scheduler import Overloaded, RequestTimeout, Scheduler, ShuttingDown
 
+from ..support.collect import Collector
+
 PROMPTS = ["Where is my order ORD-12345?", "Cancel it", "refund please, order 5", "Hi, my grinder arrived broken."]
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return open_engine(tiny_model_dir)
-
-
-class Collector:
-    def __init__(self):
-        self.events = []
-        self.done = threading.Event()
-        self.error = None
-
-    def __call__(self, item):
-        if item is None:
-            self.done.set()
-        elif isinstance(item, BaseException):
-            self.error = item
-            self.done.set()
-        else:
-            self.events.append(item)
-
-    @property
-    def text(self):
-        return "".join(e.text for e in self.events)
 
 
 def test_concurrent_requests_match_single_runs_and_batch(engine):

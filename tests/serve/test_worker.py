@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -18,26 +17,9 @@ from slmops.serve.manager import ModelSpec, ServedModel, use_worker_process
 from slmops.serve.scheduler import Overloaded, Scheduler, fit_context
 from slmops.serve.worker import EngineCrashed, EngineWorker, default_threads, pack_error, unpack_error
 
+from ..support.collect import Collector
+
 PROMPTS = ["Where is my order ORD-12345?", "Cancel it", "refund please, order 5"]
-
-
-class Events:
-    def __init__(self):
-        self.items, self.times = [], []
-        self.done = threading.Event()
-        self.error = None
-
-    def __call__(self, item, at=None):
-        if item is None or isinstance(item, BaseException):
-            self.error = item
-            self.done.set()
-        else:
-            self.items.append(item)
-            self.times.append(at)
-
-    @property
-    def text(self):
-        return "".join(e.text for e in self.items)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +33,13 @@ def test_worker_gives_the_engines_tokens_and_keeps_decode_times(worker, tiny_mod
     engine = open_engine(tiny_model_dir)
     reqs = [GenerationRequest(prompt=p, max_new_tokens=12, stop=["\x00never"]) for p in PROMPTS]
     alone = [engine.generate([r])[0] for r in reqs]
-    outs = [Events() for _ in reqs]
+    outs = [Collector() for _ in reqs]
     for r, out in zip(reqs, outs, strict=True):
         worker.submit(r, out)
     for out in outs:
         assert out.done.wait(60) and out.error is None
     assert [o.text for o in outs] == [a.text for a in alone]
-    assert [o.items[-1].completion_tokens for o in outs] == [a.completion_tokens for a in alone]
+    assert [o.events[-1].completion_tokens for o in outs] == [a.completion_tokens for a in alone]
     # with a 50 ms flush interval most events travel together, but each keeps the time it was decoded
     times = outs[0].times
     assert all(t is not None for t in times) and times == sorted(times)
@@ -70,21 +52,21 @@ def test_worker_gives_the_engines_tokens_and_keeps_decode_times(worker, tiny_mod
 
 def test_errors_cross_the_process_boundary_as_the_same_classes(worker):
     with pytest.raises(BadInputError, match="adapter"):
-        worker.submit(GenerationRequest(prompt="hi", adapter="ghost"), Events())
+        worker.submit(GenerationRequest(prompt="hi", adapter="ghost"), Collector())
     ctx = worker.engine.info().context_length
     with pytest.raises(ContextLengthExceeded) as exc:
-        worker.submit(GenerationRequest(prompt="hi", max_new_tokens=ctx), Events(), fit="strict")
+        worker.submit(GenerationRequest(prompt="hi", max_new_tokens=ctx), Collector(), fit="strict")
     assert exc.value.param == "max_tokens"
-    out = Events()  # "clamp" shortens max_new_tokens to what the context leaves instead
+    out = Collector()  # "clamp" shortens max_new_tokens to what the context leaves instead
     worker.submit(GenerationRequest(prompt="hi", max_new_tokens=ctx, stop=["\x00never"]), out, fit="clamp")
     assert out.done.wait(120) and out.error is None
-    assert out.items[-1].prompt_tokens + out.items[-1].completion_tokens == ctx
+    assert out.events[-1].prompt_tokens + out.events[-1].completion_tokens == ctx
     # a full queue: 4 running + 2 waiting, the next one is refused with a Retry-After
-    outs = [Events() for _ in range(6)]
+    outs = [Collector() for _ in range(6)]
     for o in outs:
         worker.submit(GenerationRequest(prompt="hi", max_new_tokens=200, stop=["\x00never"]), o)
     with pytest.raises(Overloaded) as over:
-        worker.submit(GenerationRequest(prompt="hi"), Events())
+        worker.submit(GenerationRequest(prompt="hi"), Collector())
     assert over.value.retry_after >= 1
     for o in outs:
         assert o.done.wait(120)
@@ -98,16 +80,16 @@ def test_a_crashed_worker_fails_its_requests_and_the_model_loads_again(tiny_mode
     served = ServedModel(ModelSpec(ref=str(tiny_model_dir), name="tiny"), max_batch_size=2)
     loaded = served.load()
     assert isinstance(loaded.scheduler, EngineWorker)
-    out = Events()
+    out = Collector()
     loaded.scheduler.submit(GenerationRequest(prompt="hi", max_new_tokens=500, stop=["\x00never"]), out)
     time.sleep(0.3)
     os.kill(loaded.engine.pid, signal.SIGKILL)
     assert out.done.wait(30) and isinstance(out.error, EngineCrashed)
     with pytest.raises(EngineCrashed):
-        loaded.scheduler.submit(GenerationRequest(prompt="hi"), Events())
+        loaded.scheduler.submit(GenerationRequest(prompt="hi"), Collector())
     again = served.load()  # a dead worker is replaced on the next load
     assert again is not loaded and again.engine.pid != loaded.engine.pid
-    out = Events()
+    out = Collector()
     again.scheduler.submit(GenerationRequest(prompt="hi", max_new_tokens=3), out)
     assert out.done.wait(60) and out.error is None
     served.unload()
@@ -146,9 +128,9 @@ def test_fit_context_clamps_or_refuses(tiny_model_dir):
     with pytest.raises(ContextLengthExceeded, match="the prompt is"):
         fit_context(row, n, strict=False)
     sched = Scheduler(engine, threaded=False)  # driven by its owner, no thread
-    out = Events()
+    out = Collector()
     sched.submit(GenerationRequest(prompt="hello", max_new_tokens=3), out)
     while sched.busy:
         sched.run_once()
-    assert out.done.is_set() and out.error is None and len(out.items) == 3
+    assert out.done.is_set() and out.error is None and len(out.events) == 3
     sched.close()
