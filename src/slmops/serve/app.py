@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmops import __version__
-from slmops.engines.base import TokenEvent
+from slmops.engines.base import ContextLengthExceeded, TokenEvent
 from slmops.errors import BadInputError, SlmopsError
 from slmops.serve.capture import Capture
 from slmops.serve.manager import ModelManager, ServedModel
@@ -312,8 +312,6 @@ def create_app(manager: ModelManager, config: ServerConfig | None = None) -> Fas
         n = int(req.n or 1)
         explicit = bool({"max_tokens", "max_completion_tokens"} & req.model_fields_set)
         want = requested_max_tokens(req, config.default_max_tokens)
-        from slmops.engines.base import ContextLengthExceeded
-
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         tickets: list[Ticket] = []

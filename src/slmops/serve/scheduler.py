@@ -1,7 +1,8 @@
 """The scheduler in front of one engine: a bounded queue, batching, cancellation, timeouts, shutdown.
 
-One worker thread owns the engine. Requests are `submit`ted from any thread (the server's event loop) and
-get their tokens back through a callback, one `TokenEvent` per decode step, then `None` (done) or an
+One worker thread owns the engine (or, with ``threaded=False``, the owner drives it with `run_once`: the
+engine worker process does, between reads of its socket). Requests are `submit`ted from any thread (the
+server's event loop) and get their tokens back through a callback, one `TokenEvent` per decode step, then `None` (done) or an
 exception.
 
 - Continuous batching (engines with ``open_batch``, e.g. torch): new requests join the running batch
@@ -130,14 +131,13 @@ class Scheduler:
 
     # --- client side ------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, deliver: Deliver, *, timeout: float | None = None,
-               fit: str | None = None, wake: bool = True) -> Ticket:
+               fit: str | None = None) -> Ticket:
         """Queue `request`. Raises BadInputError (bad request: unknown adapter, prompt longer than the
         context) before queueing, `Overloaded` when the queue is full, `ShuttingDown` when closing.
 
         `fit` checks the request against the model's context: "clamp" lowers max_new_tokens to what is
         left of the context after the prompt, "strict" raises `ContextLengthExceeded` instead (a client that
-        asked for that many tokens); None leaves it to the engine. `wake=False` leaves the worker asleep until
-        `wake()` (the process worker answers its server first, then lets decoding take the GIL)."""
+        asked for that many tokens); None leaves it to the engine."""
         adapter = self.engine.resolve_adapter(request.adapter)
         row = self.engine.prepare(request)  # tokenizes: errors surface here, to the caller
         if fit is not None and self.context_length:
@@ -152,14 +152,8 @@ class Scheduler:
                                  retry_after=self.retry_after())
             self._waiting.append(ticket)
             self.stats.waiting = len(self._waiting)
-            if wake:
-                self._cv.notify()
-        return ticket
-
-    def wake(self) -> None:
-        """Start work submitted with `wake=False`."""
-        with self._cv:
             self._cv.notify()
+        return ticket
 
     def retry_after(self) -> float:
         """Seconds a client should wait before retrying (about one batch's time)."""

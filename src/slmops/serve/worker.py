@@ -521,7 +521,7 @@ def _serve(conn: Connection) -> None:
         try:
             if kind == "submit":
                 tid, request, timeout, fit = msg[2], msg[3], msg[4], msg[5]
-                tickets[tid] = sched.submit(request, deliverer(tid), timeout=timeout, fit=fit, wake=False)
+                tickets[tid] = sched.submit(request, deliverer(tid), timeout=timeout, fit=fit)
                 value = None
             elif kind == "call":
                 method, args = msg[2], msg[3]
